@@ -1,0 +1,30 @@
+"""async-task-middleware: the asynchronous request-reply protocol for any ASGI app.
+
+Mark routes as long-running; the middleware answers them with ``303 See Other``, a Celery
+worker replays the request against the same app, and the status URL serves the outcome.
+
+The exceptions, all raised at start or in the worker, never to an HTTP client::
+
+    ConfigurationError  (ValueError)  a setting the protocol cannot work with
+    WireFormatError     (ValueError)  an envelope of an unknown version or shape
+    LifespanFailed                    the app's lifespan startup failed in the worker
+    NoResponse                        the app returned without a response during a replay
+    ResponseTooLarge                  the replayed response exceeded max_response_size
+"""
+
+from ._celery import ConfigurationError
+from ._middleware import AsyncTaskMiddleware
+from ._progress import report_progress
+from ._wire import WireFormatError
+from ._worker import LifespanFailed, NoResponse, ResponseTooLarge, register_replay
+
+__all__ = [
+    "AsyncTaskMiddleware",
+    "ConfigurationError",
+    "LifespanFailed",
+    "NoResponse",
+    "ResponseTooLarge",
+    "WireFormatError",
+    "register_replay",
+    "report_progress",
+]

@@ -1,0 +1,168 @@
+"""What the middleware and the worker take from the user's Celery app, read and checked once.
+
+Settings that would break a promise of the protocol are refused here, at start, with a message
+that names the setting to change.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+
+TASK_NAME = "async_task_middleware.replay"
+DEFAULT_EXPIRES = 24 * 3600
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+class ConfigurationError(ValueError):
+    """A setting of the middleware or of the Celery app that the protocol cannot work with."""
+
+
+def check_serializers(celery_app: Celery) -> None:
+    """Only JSON crosses the broker: a pickle anywhere in the accept lists is arbitrary code
+    execution for whoever can write to the broker or the result backend."""
+    conf = celery_app.conf
+    accepted = {
+        "task_serializer": [conf.task_serializer],
+        "result_serializer": [conf.result_serializer],
+        "accept_content": list(conf.accept_content or []),
+        "result_accept_content": list(conf.result_accept_content or []),
+    }
+    for setting, values in accepted.items():
+        for value in values:
+            if value not in ("json", "application/json"):
+                raise ConfigurationError(
+                    f"Celery setting {setting} includes {value!r}: async-task-middleware only "
+                    "lets JSON cross the broker; set it to ['json'] (or 'json')"
+                )
+    if conf.result_extended:
+        raise ConfigurationError(
+            "Celery setting result_extended=True copies every request body into its result; "
+            "set result_extended=False"
+        )
+
+
+def expires_seconds(celery_app: Celery) -> int:
+    value = celery_app.conf.result_expires
+    if value is None:
+        raise ConfigurationError(
+            "Celery setting result_expires=None keeps results forever; the submission record "
+            "expires with the result, so give it a lifetime (default: 1 day)"
+        )
+    if isinstance(value, datetime.timedelta):
+        value = value.total_seconds()
+    return max(1, int(value))
+
+
+def _is_redis(url: Any) -> bool:
+    return isinstance(url, str) and url.startswith(_REDIS_SCHEMES)
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """The facts about one Celery app that every request needs, computed once."""
+
+    celery_app: Celery
+    redis_url: str
+    meta_prefix: bytes
+    record_prefix: bytes
+    expires: int
+    # The queue list to LPUSH to when the broker is the same Redis; None: publish through Celery.
+    fast_queue: str | None
+
+    @classmethod
+    def of(cls, celery_app: Celery, redis_url: str | None = None) -> Binding:
+        check_serializers(celery_app)
+        conf = celery_app.conf
+        url = redis_url or conf.result_backend
+        if not _is_redis(url):
+            raise ConfigurationError(
+                f"the result backend {conf.result_backend!r} is not Redis: set the Celery "
+                "setting result_backend to a redis:// URL (or pass redis_url=)"
+            )
+        backend_prefix = celery_app.backend.get_key_for_task("")
+        global_prefix = (conf.result_backend_transport_options or {}).get("global_keyprefix", "")
+        return cls(
+            celery_app=celery_app,
+            redis_url=url,
+            meta_prefix=backend_prefix,
+            record_prefix=f"{global_prefix}async-task-middleware-".encode(),
+            expires=expires_seconds(celery_app),
+            fast_queue=_fast_queue(celery_app, url),
+        )
+
+    def meta_key(self, task_id: str) -> bytes:
+        return self.meta_prefix + task_id.encode()
+
+    def record_key(self, task_id: str) -> bytes:
+        return self.record_prefix + task_id.encode()
+
+    def broker_message(self, task_id: str, envelope: dict[str, Any]) -> bytes:
+        """The message kombu's Redis transport would LPUSH for ``send_task``, built without I/O.
+
+        Celery's own ``as_task_v2`` makes the task message; the wrapping mirrors kombu's
+        virtual channel (``prepare_message`` + ``_inplace_augment_message``), which a stock
+        worker reads back.
+        """
+        assert self.fast_queue is not None
+        amqp = self.celery_app.amqp
+        task = amqp.as_task_v2(
+            task_id,
+            TASK_NAME,
+            args=(envelope,),
+            kwargs={},
+            argsrepr="(<request>)",  # never the body in a worker's log
+            kwargsrepr="{}",
+        )
+        # The body is plain JSON (a dict of strings and lists): json.dumps writes what kombu's
+        # JSON serializer would.
+        body = json.dumps(task.body).encode()
+        properties = dict(task.properties)
+        properties.update(
+            delivery_mode=2,
+            delivery_info={"exchange": "", "routing_key": self.fast_queue},
+            priority=0,
+            body_encoding="base64",
+            delivery_tag=str(uuid.uuid4()),
+        )
+        message = {
+            "body": base64.b64encode(
+                body.encode("utf-8") if isinstance(body, str) else body
+            ).decode("ascii"),
+            "content-encoding": content_encoding,
+            "content-type": content_type,
+            "headers": task.headers,
+            "properties": properties,
+        }
+        return json.dumps(message).encode()
+
+
+def _fast_queue(celery_app: Celery, redis_url: str) -> str | None:
+    """The queue to push to natively, or None when a setting needs Celery's own publish path.
+
+    The native push shares one MULTI/EXEC with the submission record, so it is only taken when
+    the broker is that very Redis and nothing Celery would do on publish is lost: no key
+    prefix, no priority, a plain queue from the router.
+    """
+    conf = celery_app.conf
+    if conf.broker_url != redis_url or not _is_redis(conf.broker_url):
+        return None
+    if (conf.broker_transport_options or {}).get("global_keyprefix"):
+        return None
+    if conf.task_default_priority:
+        return None
+    route = celery_app.amqp.router.route({}, TASK_NAME, args=(), kwargs={})
+    queue = route.get("queue")
+    if queue is None or route.get("priority") or route.get("exchange"):
+        return None
+    exchange = queue.exchange
+    if exchange is not None and exchange.name and exchange.type != "direct":
+        return None
+    name: str = queue.name
+    return name
