@@ -86,7 +86,7 @@ class Binding:
                 f"the result backend {conf.result_backend!r} is not Redis: set the Celery "
                 "setting result_backend to a redis:// URL (or pass redis_url=)"
             )
-        backend_prefix = celery_app.backend.get_key_for_task("")
+        backend_prefix = celery_app.backend.get_key_for_task("-")[:-1]
         global_prefix = (conf.result_backend_transport_options or {}).get("global_keyprefix", "")
         return cls(
             celery_app=celery_app,
@@ -132,11 +132,9 @@ class Binding:
             delivery_tag=str(uuid.uuid4()),
         )
         message = {
-            "body": base64.b64encode(
-                body.encode("utf-8") if isinstance(body, str) else body
-            ).decode("ascii"),
-            "content-encoding": content_encoding,
-            "content-type": content_type,
+            "body": base64.b64encode(body).decode("ascii"),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
             "headers": task.headers,
             "properties": properties,
         }

@@ -116,6 +116,9 @@ class AsyncTaskMiddleware:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, self._closing_on_shutdown(send))
+            return
         if scope["type"] != "http" or REPLAY_KEY in scope:
             await self.app(scope, receive, send)
             return
@@ -126,6 +129,18 @@ class AsyncTaskMiddleware:
             await self._submit(scope, receive, send, target)
         else:
             await self._status(scope, send, target)
+
+    def _closing_on_shutdown(self, send: Send) -> Send:
+        """The lifespan's ``send``, closing this loop's Redis connections as the app stops."""
+
+        async def send_closing(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                store = self._stores.pop(asyncio.get_running_loop(), None)
+                if store is not None:
+                    await store.aclose()
+            await send(message)
+
+        return send_closing
 
     def _store(self) -> TaskStore:
         loop = asyncio.get_running_loop()

@@ -53,6 +53,7 @@ class TaskStore:
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+        await self._redis.connection_pool.disconnect()
 
     def record(self, envelope: dict[str, Any]) -> bytes:
         # Room for what later features need (owner, fingerprint for idempotency keys).

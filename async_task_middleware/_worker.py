@@ -112,6 +112,9 @@ def register_replay(
         reject_on_worker_lost=True,
         track_started=True,
         serializer="json",
+        shared=False,  # registered on this Celery app only, not on every app in the process
+        # Celery logs a task's return value at INFO: cut it before the headers and the body.
+        resultrepr_maxsize=24,
     )(replay)
     return task
 

@@ -1,0 +1,27 @@
+"""Word count on FastAPI: plain endpoints; the middleware makes ``POST /words`` long-running."""
+
+from fastapi import FastAPI, File, UploadFile
+
+from async_task_middleware import AsyncTaskMiddleware
+from examples.wordcount.worker import celery_app
+
+app = FastAPI(title="word count")
+
+
+@app.post("/words")
+async def count_words(text: UploadFile = File(...)) -> dict[str, int]:
+    content = (await text.read()).decode()
+    return {"count": len(content.split())}
+
+
+@app.get("/health")
+async def health() -> dict[str, bool]:
+    return {"ok": True}
+
+
+app.add_middleware(
+    AsyncTaskMiddleware,
+    celery_app=celery_app,
+    routes=["POST /words"],
+    name="wordcount-fastapi",
+)

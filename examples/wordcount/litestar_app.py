@@ -1,0 +1,42 @@
+"""Word count on Litestar: plain handlers; the middleware makes ``POST /words`` long-running.
+
+Litestar runs app-level middleware only for requests that match one of its routes, so the
+status URLs (``/words/{id}``) would never reach it: the middleware wraps the whole app instead.
+"""
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from litestar import Litestar, get, post
+from litestar.datastructures import UploadFile
+from litestar.enums import RequestEncodingType
+from litestar.params import Body
+
+from async_task_middleware import AsyncTaskMiddleware
+from examples.wordcount.worker import celery_app
+
+
+@dataclass
+class Words:
+    text: UploadFile
+
+
+@post("/words", status_code=200)
+async def count_words(
+    data: Annotated[Words, Body(media_type=RequestEncodingType.MULTI_PART)],
+) -> dict[str, int]:
+    content = (await data.text.read()).decode()
+    return {"count": len(content.split())}
+
+
+@get("/health")
+async def health() -> dict[str, bool]:
+    return {"ok": True}
+
+
+app = AsyncTaskMiddleware(
+    Litestar(route_handlers=[count_words, health]),
+    celery_app=celery_app,
+    routes=["POST /words"],
+    name="wordcount-litestar",
+)

@@ -1,0 +1,164 @@
+"""Probe apps: plain Starlette endpoints that show what a replay sees and does."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from async_task_middleware import AsyncTaskMiddleware, report_progress
+from tests.worker import celery_app
+
+STARTUPS = 0
+
+
+@asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+    global STARTUPS
+    STARTUPS += 1
+    yield {"greeting": "hello from lifespan", "startups": STARTUPS}
+
+
+async def incr(key: str) -> None:
+    client = redis.asyncio.Redis.from_url(os.environ["REDIS_URL"])
+    try:
+        await client.incr(key)
+    finally:
+        await client.aclose()
+
+
+async def echo(request: Request) -> JSONResponse:
+    scope = request.scope
+    return JSONResponse(
+        {
+            "method": scope["method"],
+            "path": scope["path"],
+            "raw_path": scope["raw_path"].decode("latin-1") if scope.get("raw_path") else None,
+            "root_path": scope["root_path"],
+            "query_string": scope["query_string"].decode("latin-1"),
+            "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in scope["headers"]],
+            "body": base64.b64encode(await request.body()).decode(),
+            "client": list(scope["client"]) if scope.get("client") else None,
+            "server": list(scope["server"]) if scope.get("server") else None,
+            "scheme": scope["scheme"],
+            "path_params": request.path_params,
+        }
+    )
+
+
+async def slow(request: Request) -> JSONResponse:
+    seconds = float(request.query_params.get("seconds", "1"))
+    await asyncio.sleep(seconds)
+    return JSONResponse({"slept": seconds})
+
+
+async def mark(request: Request) -> JSONResponse:
+    """Counts its runs in Redis under ``key``, after sleeping ``seconds``."""
+    await asyncio.sleep(float(request.query_params.get("seconds", "0")))
+    await incr(request.query_params["key"])
+    return JSONResponse({"marked": request.query_params["key"]})
+
+
+async def cookies(request: Request) -> Response:
+    response = Response(b"two cookies", media_type="text/plain")
+    response.set_cookie("a", "1")
+    response.set_cookie("b", "2")
+    response.headers.append("x-repeated", "one")
+    response.headers.append("x-repeated", "two")
+    response.headers["connection"] = "keep-alive"  # hop-by-hop: never replayed
+    return response
+
+
+async def state(request: Request) -> JSONResponse:
+    return JSONResponse(
+        {
+            "greeting": request.state.greeting,
+            "startups": request.state.startups,
+            "pid": os.getpid(),
+        }
+    )
+
+
+async def boom(request: Request) -> Response:
+    raise RuntimeError("secret detail from /srv/app/settings.py")
+
+
+async def background(request: Request) -> JSONResponse:
+    async def later() -> None:
+        await asyncio.sleep(0.5)
+        await incr(request.query_params["key"])
+
+    return JSONResponse({"scheduled": True}, background=BackgroundTask(later))
+
+
+async def progress(request: Request) -> JSONResponse:
+    report_progress(step=1, of=2)
+    await asyncio.sleep(float(request.query_params.get("seconds", "2")))
+    return JSONResponse({"done": True})
+
+
+async def not_found(request: Request) -> JSONResponse:
+    return JSONResponse({"detail": "no such thing"}, status_code=404)
+
+
+async def health(request: Request) -> JSONResponse:
+    return JSONResponse({"ok": True})
+
+
+async def ws(websocket: WebSocket) -> None:
+    await websocket.accept()
+    await websocket.send_text(await websocket.receive_text())
+    await websocket.close()
+
+
+probe_app = Starlette(
+    routes=[
+        Route("/echo", echo, methods=["POST"]),
+        Route("/items/{item_id:int}", echo, methods=["POST", "GET"]),
+        Route("/slow", slow, methods=["POST"]),
+        Route("/mark", mark, methods=["POST"]),
+        Route("/cookies", cookies, methods=["POST"]),
+        Route("/state", state, methods=["POST"]),
+        Route("/boom", boom, methods=["POST"]),
+        Route("/background", background, methods=["POST"]),
+        Route("/progress", progress, methods=["POST"]),
+        Route("/notfound", not_found, methods=["POST"]),
+        Route("/health", health),
+        WebSocketRoute("/ws", ws),
+    ],
+    middleware=[
+        Middleware(
+            AsyncTaskMiddleware,
+            celery_app=celery_app,
+            name="probe",
+            routes=[
+                "POST /echo",
+                "POST /items/{item_id:int}",
+                "POST /slow",
+                "POST /mark",
+                "POST /cookies",
+                "POST /state",
+                "POST /boom",
+                "POST /background",
+                "POST /progress",
+                "POST /notfound",
+            ],
+        )
+    ],
+    lifespan=lifespan,
+)
+
+# The same probe app behind a mount: its status URLs live under /api.
+mounted_app = Starlette(routes=[Mount("/api", app=probe_app)])

@@ -1,0 +1,103 @@
+"""Shared fixtures: one private redis-server and one real Celery worker for the session.
+
+Nothing here depends on what an earlier run left: the Redis is new, on a free port, and keeps
+nothing on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from tests._servers import RedisServer, Worker, free_port
+
+# The apps read REDIS_URL when they are imported; the port is fixed before any of them is.
+_PORT = free_port()
+os.environ["REDIS_URL"] = f"redis://127.0.0.1:{_PORT}/0"
+os.environ.pop("BROKER_URL", None)
+
+LOCATION = re.compile(r"^(?P<path>.*)/(?P<id>[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12})$")
+FRAMEWORKS = ("fastapi", "starlette", "litestar")
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def redis_server(logdir: Path) -> Iterator[RedisServer]:
+    server = RedisServer(logdir / "redis", port=_PORT).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def worker(redis_server: RedisServer, logdir: Path) -> Iterator[Worker]:
+    proc = Worker("tests.worker", {"REDIS_URL": redis_server.url}, logdir / "worker.log").start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(params=FRAMEWORKS)
+def wordcount_app(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    module = __import__(f"examples.wordcount.{request.param}_app", fromlist=["app"])
+    return module.app
+
+
+# LifespanManager runs the app's lifespan; the client calls the app itself, not manager.app,
+# which would hand every request one shared state dict (Litestar keeps per-request flags there).
+@pytest.fixture
+async def client(worker: Worker, wordcount_app) -> AsyncIterator[httpx.AsyncClient]:  # type: ignore[no-untyped-def]
+    async with LifespanManager(wordcount_app), make_client(wordcount_app) as c:
+        yield c
+
+
+@pytest.fixture
+async def probe(worker: Worker) -> AsyncIterator[httpx.AsyncClient]:
+    from tests.apps import probe_app
+
+    async with LifespanManager(probe_app), make_client(probe_app) as c:
+        yield c
+
+
+def make_client(app, **transport) -> httpx.AsyncClient:  # type: ignore[no-untyped-def]
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, **transport),
+        base_url="http://testserver",
+        follow_redirects=False,
+        timeout=30,
+    )
+
+
+async def submit(client: httpx.AsyncClient, url: str, **kwargs) -> str:  # type: ignore[no-untyped-def]
+    """POST to a marked route; assert the 303 and return the status URL."""
+    response = await client.post(url, **kwargs)
+    assert response.status_code == 303, response.text
+    assert response.content == b""
+    location = response.headers["location"]
+    assert LOCATION.match(location), location
+    return location
+
+
+async def final(client: httpx.AsyncClient, location: str, timeout: float = 30) -> httpx.Response:
+    """Poll the status URL until it is no longer 202."""
+    with anyio.fail_after(timeout):
+        while True:
+            response = await client.get(location)
+            if response.status_code != 202:
+                return response
+            assert response.headers["retry-after"] == "1"
+            await anyio.sleep(0.05)
