@@ -86,7 +86,7 @@ def register_replay(
         app = registry.get(envelope.get("app", ""))
 
         def progress(data: dict[str, Any]) -> None:
-            task.update_state(state="STARTED", meta={"progress": data})
+            task.update_state(task_id=task_id, state="STARTED", meta={"progress": data})
 
         future = _loop().run(_replay(registry, app, envelope, max_response_size), progress)
         try:
