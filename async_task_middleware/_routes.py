@@ -77,8 +77,8 @@ class RouteTable:
             if method == route_method and regex.match(path):
                 return Submit(_location(scope, path))
         prefix, _, last = path.rpartition("/")
-        if not prefix:
-            return None
+        if not prefix or not last:
+            return None  # '/words/' is the app's (Starlette redirects it), not a status URL
         for _, regex in self._routes:
             if regex.match(prefix):
                 task_id = last if _TASK_ID.fullmatch(last) else None

@@ -104,9 +104,8 @@ class Worker:
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Worker:
-        ready = self._logfile.with_suffix(".ready")
-        ready.unlink(missing_ok=True)
-        env = {**os.environ, **self._env, "ATM_TEST_READY_FILE": str(ready)}
+        env = {**os.environ, **self._env}
+        offset = self._logfile.stat().st_size if self._logfile.exists() else 0
         with self._logfile.open("ab") as log:
             self._proc = subprocess.Popen(
                 [
@@ -120,8 +119,19 @@ class Worker:
                 stderr=subprocess.STDOUT,
             )
         proc = self._proc
-        wait_for(lambda: ready.exists() or proc.poll() is not None, 60, "celery worker")
+
+        def ready() -> bool:
+            with self._logfile.open("rb") as log:
+                log.seek(offset)
+                return b" ready." in log.read() or proc.poll() is not None
+
+        try:
+            wait_for(ready, 60, "celery worker")
+        except TimeoutError:
+            self.stop()
+            raise
         if proc.poll() is not None:
+            proc.wait()
             raise RuntimeError(f"the worker exited; see {self._logfile}")
         return self
 

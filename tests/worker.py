@@ -1,11 +1,8 @@
 """The test suite's worker: the word-count apps and the probe apps, one Celery worker."""
 
 import os
-from pathlib import Path
-from typing import Any
 
 from celery import Celery
-from celery.signals import worker_ready
 
 from async_task_middleware import register_replay
 
@@ -26,9 +23,3 @@ register_replay(
     },
 )
 
-
-@worker_ready.connect
-def _ready(**_: Any) -> None:
-    ready = os.environ.get("ATM_TEST_READY_FILE")
-    if ready:
-        Path(ready).touch()
