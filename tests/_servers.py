@@ -56,11 +56,16 @@ class RedisServer:
         self._proc = subprocess.Popen(
             [
                 redis_server_binary(),
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(self._workdir),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self._workdir),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -109,9 +114,17 @@ class Worker:
         with self._logfile.open("ab") as log:
             self._proc = subprocess.Popen(
                 [
-                    sys.executable, "-m", "celery", "-A", self._module, "worker",
-                    "--pool=prefork", f"--concurrency={self._concurrency}",
-                    "--loglevel=INFO", "--without-mingle", "--without-gossip",
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    self._module,
+                    "worker",
+                    "--pool=prefork",
+                    f"--concurrency={self._concurrency}",
+                    "--loglevel=INFO",
+                    "--without-mingle",
+                    "--without-gossip",
                 ],
                 cwd=ROOT,
                 env=env,
@@ -151,7 +164,13 @@ class Uvicorn:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._args = [
-            sys.executable, "-m", "uvicorn", app, "--port", str(self.port), "--no-access-log",
+            sys.executable,
+            "-m",
+            "uvicorn",
+            app,
+            "--port",
+            str(self.port),
+            "--no-access-log",
             *extra,
         ]
         self._env = env
@@ -161,7 +180,10 @@ class Uvicorn:
     def start(self) -> Uvicorn:
         with self._logfile.open("ab") as log:
             self._proc = subprocess.Popen(
-                self._args, cwd=ROOT, env={**os.environ, **self._env}, stdout=log,
+                self._args,
+                cwd=ROOT,
+                env={**os.environ, **self._env},
+                stdout=log,
                 stderr=subprocess.STDOUT,
             )
 

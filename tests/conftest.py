@@ -23,7 +23,9 @@ _PORT = free_port()
 os.environ["REDIS_URL"] = f"redis://127.0.0.1:{_PORT}/0"
 os.environ.pop("BROKER_URL", None)
 
-LOCATION = re.compile(r"^(?P<path>.*)/(?P<id>[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12})$")
+LOCATION = re.compile(
+    r"^(?P<path>.*)/(?P<id>[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12})$"
+)
 FRAMEWORKS = ("fastapi", "starlette", "litestar")
 
 

@@ -117,10 +117,11 @@ async def test_body_in_chunks_is_replayed_whole(worker: object) -> None:
     assert LOCATION.match(location)
     from tests.apps import probe_app
 
-    async with make_client(probe_app) as client:
+    async with LifespanManager(probe_app), make_client(probe_app) as client:
         seen = (await final(client, location)).json()
     assert seen["body"] == "YWJjZA=="  # base64 of b"abcd"
-    assert seen["client"] == ["127.0.0.1", 5000] and seen["server"] == ["127.0.0.1", 8000]
+    assert seen["client"] == ["127.0.0.1", 5000]
+    assert seen["server"] == ["127.0.0.1", 8000]
 
 
 async def test_disconnect_mid_body_enqueues_nothing(redis_server: object) -> None:

@@ -59,9 +59,7 @@ async def test_repeated_response_headers_kept_hop_by_hop_dropped(probe: httpx.As
 
 
 async def test_lifespan_state_in_the_worker(probe: httpx.AsyncClient) -> None:
-    bodies = [
-        (await final(probe, await submit(probe, "/state"))).json() for _ in range(6)
-    ]
+    bodies = [(await final(probe, await submit(probe, "/state"))).json() for _ in range(6)]
     assert {b["greeting"] for b in bodies} == {"hello from lifespan"}
     # The lifespan ran once per worker process, not once per task.
     assert {b["startups"] for b in bodies} == {1}
@@ -74,10 +72,13 @@ async def test_failure_is_500_problem_without_internals(probe: httpx.AsyncClient
     assert response.headers["content-type"] == "application/problem+json"
     problem = response.json()
     assert problem["status"] == 500
-    assert problem["title"] and problem["type"]
+    assert problem["title"]
+    assert problem["type"]
     assert problem["instance"].startswith("/boom/")
-    assert "secret" not in response.text and "Traceback" not in response.text
-    assert "/srv" not in response.text and "RuntimeError" not in response.text
+    assert "secret" not in response.text
+    assert "Traceback" not in response.text
+    assert "/srv" not in response.text
+    assert "RuntimeError" not in response.text
 
 
 async def test_endpoint_own_404_is_replayed(probe: httpx.AsyncClient) -> None:
@@ -122,7 +123,8 @@ async def test_delete_queued_task_never_runs(probe: httpx.AsyncClient) -> None:
     key = f"mark-{uuid.uuid4()}"
     queued = await submit(probe, f"/mark?key={key}")
     status = await probe.get(queued)
-    assert status.status_code == 202 and status.json()["status"] == "queued"
+    assert status.status_code == 202
+    assert status.json()["status"] == "queued"
     assert (await probe.delete(queued)).status_code == 204
     assert (await probe.get(queued)).status_code == 404
     for location in busy:
@@ -154,14 +156,15 @@ async def test_root_path_and_mount(worker: object) -> None:
         location = await submit(client, "/api/echo", content=b"mounted")
         assert location.startswith("/api/echo/")
         seen = (await final(client, location)).json()
-        assert seen["path"] == "/api/echo" and seen["root_path"] == "/api"
+        assert seen["path"] == "/api/echo"
+        assert seen["root_path"] == "/api"
         assert base64.b64decode(seen["body"]) == b"mounted"
         assert (await client.get("/api/health")).json() == {"ok": True}
 
     from tests.apps import probe_app
 
     # A server-level root_path (uvicorn --root-path, a proxy prefix).
-    async with make_client(probe_app, root_path="/prefix") as client:
+    async with LifespanManager(probe_app), make_client(probe_app, root_path="/prefix") as client:
         location = await submit(client, "/prefix/echo", content=b"x")
         assert location.startswith("/prefix/echo/")
         assert (await final(client, location)).status_code == 200

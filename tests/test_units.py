@@ -95,7 +95,8 @@ def test_request_envelope_round_trip() -> None:
     assert body == b"\x00\xff"
     for key in ("method", "scheme", "path", "raw_path", "root_path", "query_string", "headers"):
         assert replayed[key] == original[key], key
-    assert replayed["client"] == ("10.0.0.1", 1234) and replayed["server"] == ("example", 443)
+    assert replayed["client"] == ("10.0.0.1", 1234)
+    assert replayed["server"] == ("example", 443)
     assert replayed["extensions"] == {}
 
 
@@ -108,7 +109,8 @@ def test_response_envelope_drops_hop_by_hop_and_recounts() -> None:
         (b"connection", b"close"),
     ]
     status, kept, body = decode_response(encode_response(201, headers, b"hello"))
-    assert status == 201 and body == b"hello"
+    assert status == 201
+    assert body == b"hello"
     assert kept == [(b"set-cookie", b"a=1"), (b"set-cookie", b"b=2"), (b"content-length", b"5")]
 
 

@@ -34,13 +34,18 @@ def example_worker(example_redis: RedisServer, logdir: Path) -> Iterator[Worker]
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 @pytest.mark.parametrize("root_path", ["", "/base"])
 async def test_word_count_over_http(
-    framework: str, root_path: str, example_worker: Worker, example_redis: RedisServer,
+    framework: str,
+    root_path: str,
+    example_worker: Worker,
+    example_redis: RedisServer,
     logdir: Path,
 ) -> None:
     extra = ("--root-path", root_path) if root_path else ()
     server = Uvicorn(
-        f"examples.wordcount.{framework}_app:app", {"REDIS_URL": example_redis.url},
-        logdir / f"uvicorn-{framework}.log", *extra,
+        f"examples.wordcount.{framework}_app:app",
+        {"REDIS_URL": example_redis.url},
+        logdir / f"uvicorn-{framework}.log",
+        *extra,
     ).start()
     try:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
@@ -50,7 +55,8 @@ async def test_word_count_over_http(
             assert response.status_code == 303
             location = response.headers["location"]
             match = LOCATION.match(location)
-            assert match and match["path"] == f"{root_path}/words"
+            assert match
+            assert match["path"] == f"{root_path}/words"
             # The client follows the Location as given; the proxy in front strips root_path.
             path = location.removeprefix(root_path)
             done = await final(client, path)

@@ -23,9 +23,11 @@ async def test_submit_then_result(client: httpx.AsyncClient) -> None:
     assert response.headers["content-length"] == str(len(response.content))
     # The result stays readable until it expires or is deleted.
     again = await client.get(location)
-    assert again.status_code == 200 and again.content == response.content
+    assert again.status_code == 200
+    assert again.content == response.content
     head = await client.head(location)
-    assert head.status_code == 200 and head.content == b""
+    assert head.status_code == 200
+    assert head.content == b""
     assert head.headers["content-length"] == response.headers["content-length"]
 
 
@@ -37,7 +39,9 @@ async def test_endpoint_own_4xx_is_the_result(client: httpx.AsyncClient) -> None
     assert response.status_code in (400, 422)
 
 
-@pytest.mark.parametrize("task_id", ["nope", "1234", str(uuid.uuid4()).upper(), "0" * 36, str(uuid.uuid1())])
+@pytest.mark.parametrize(
+    "task_id", ["nope", "1234", str(uuid.uuid4()).upper(), "0" * 36, str(uuid.uuid1())]
+)
 async def test_malformed_id_is_404(client: httpx.AsyncClient, task_id: str) -> None:
     response = await client.get(f"/words/{task_id}")
     assert response.status_code == 404
@@ -50,7 +54,8 @@ async def test_unknown_id_is_404_like_a_deleted_one(client: httpx.AsyncClient) -
     location = await submit(client, "/words", files={"text": ("a.txt", b"a b")})
     assert (await final(client, location)).status_code == 200
     deleted = await client.delete(location)
-    assert deleted.status_code == 204 and deleted.content == b""
+    assert deleted.status_code == 204
+    assert deleted.content == b""
     gone = await client.get(location)
     assert unknown.status_code == gone.status_code == 404
     assert {k: v for k, v in unknown.json().items() if k != "instance"} == {

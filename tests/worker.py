@@ -22,4 +22,3 @@ register_replay(
         "probe": "tests.apps:probe_app",
     },
 )
-

@@ -1,5 +1,7 @@
 """Word count on FastAPI: plain endpoints; the middleware makes ``POST /words`` long-running."""
 
+from typing import Annotated
+
 from fastapi import FastAPI, File, UploadFile
 
 from async_task_middleware import AsyncTaskMiddleware
@@ -9,7 +11,7 @@ app = FastAPI(title="word count")
 
 
 @app.post("/words")
-async def count_words(text: UploadFile = File(...)) -> dict[str, int]:
+async def count_words(text: Annotated[UploadFile, File()]) -> dict[str, int]:
     content = (await text.read()).decode()
     return {"count": len(content.split())}
 

