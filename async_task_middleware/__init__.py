@@ -6,6 +6,7 @@ worker replays the request against the same app, and the status URL serves the o
 The exceptions, all raised at start or in the worker, never to an HTTP client::
 
     ConfigurationError  (ValueError)  a setting the protocol cannot work with
+    AttemptsExhausted                 (stored as a task's failure) its worker died every time
     WireFormatError     (ValueError)  an envelope of an unknown version or shape
     LifespanFailed                    the app's lifespan startup failed in the worker
     NoResponse                        the app returned without a response during a replay
@@ -16,10 +17,17 @@ from ._celery import ConfigurationError
 from ._middleware import AsyncTaskMiddleware
 from ._progress import report_progress
 from ._wire import WireFormatError
-from ._worker import LifespanFailed, NoResponse, ResponseTooLarge, register_replay
+from ._worker import (
+    AttemptsExhausted,
+    LifespanFailed,
+    NoResponse,
+    ResponseTooLarge,
+    register_replay,
+)
 
 __all__ = [
     "AsyncTaskMiddleware",
+    "AttemptsExhausted",
     "ConfigurationError",
     "LifespanFailed",
     "NoResponse",

@@ -16,7 +16,8 @@ from typing import Any
 from celery import Celery
 
 TASK_NAME = "async_task_middleware.replay"
-DEFAULT_EXPIRES = 24 * 3600
+#: The replay's hard time limit is its soft limit plus this: time to cancel cleanly first.
+HARD_LIMIT_GRACE = 10.0
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
@@ -60,6 +61,37 @@ def expires_seconds(celery_app: Celery) -> int:
     return max(1, int(value))
 
 
+def hard_time_limit(celery_app: Celery, soft_limit: float) -> float:
+    """The replay's hard limit, checked against the Redis broker's ``visibility_timeout``:
+    Redis hands an unacknowledged message to another consumer after it, so a replay that may
+    run longer would run twice at once."""
+    hard_limit = soft_limit + HARD_LIMIT_GRACE
+    conf = celery_app.conf
+    if not _is_redis(conf.broker_url):
+        return hard_limit
+    visibility = (conf.broker_transport_options or {}).get("visibility_timeout", 3600)
+    if hard_limit >= visibility:
+        raise ConfigurationError(
+            f"the replay's hard time limit ({hard_limit:g} s: register_replay(time_limit=) or "
+            f"task_time_limit, plus {HARD_LIMIT_GRACE:g} s) is not below the Redis broker's "
+            f"visibility_timeout ({visibility:g} s, broker_transport_options"
+            "['visibility_timeout']): Redis would deliver a running task a second time. "
+            "Lower the time limit or raise visibility_timeout."
+        )
+    return hard_limit
+
+
+def _check_confirms(conf: Any) -> None:
+    url = conf.broker_url or "amqp://"
+    if url.startswith(("amqp://", "amqps://", "pyamqp://")) and not (
+        conf.broker_transport_options or {}
+    ).get("confirm_publish"):
+        raise ConfigurationError(
+            "the AMQP broker needs publisher confirms, so that a 303 is only sent for a task "
+            "the broker took: set broker_transport_options={'confirm_publish': True}"
+        )
+
+
 def _is_redis(url: Any) -> bool:
     return isinstance(url, str) and url.startswith(_REDIS_SCHEMES)
 
@@ -80,6 +112,7 @@ class Binding:
     def of(cls, celery_app: Celery, redis_url: str | None = None) -> Binding:
         check_serializers(celery_app)
         conf = celery_app.conf
+        _check_confirms(conf)
         url = redis_url or conf.result_backend
         if not _is_redis(url):
             raise ConfigurationError(
@@ -102,6 +135,17 @@ class Binding:
 
     def record_key(self, task_id: str) -> bytes:
         return self.record_prefix + task_id.encode()
+
+    def attempts_key(self, task_id: str) -> bytes:
+        return self.record_prefix + b"attempts-" + task_id.encode()
+
+    def count_attempt(self, client: Any, task_id: str) -> int:
+        """Count one more delivery of the task (synchronous: the worker side)."""
+        pipe = client.pipeline()
+        pipe.incr(self.attempts_key(task_id))
+        pipe.expire(self.attempts_key(task_id), self.expires)
+        attempts, _ = pipe.execute()
+        return int(attempts)
 
     def broker_message(self, task_id: str, envelope: dict[str, Any]) -> bytes:
         """The message kombu's Redis transport would LPUSH for ``send_task``, built without I/O.

@@ -96,8 +96,10 @@ class TaskStore:
         or stops the task."""
         b = self._binding
         with self._deadline():
-            removed = await self._redis.delete(b.record_key(task_id))
-            await self._redis.delete(b.meta_key(task_id))
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.delete(b.record_key(task_id))
+                pipe.delete(b.meta_key(task_id), b.attempts_key(task_id))
+                removed, _ = await pipe.execute()
         return bool(removed)
 
     async def forget(self, task_id: str) -> None:

@@ -21,7 +21,7 @@ from celery import Celery, Task
 from celery.exceptions import Ignore
 from celery.signals import worker_process_shutdown
 
-from ._celery import TASK_NAME, Binding, ConfigurationError
+from ._celery import TASK_NAME, Binding, ConfigurationError, hard_time_limit
 from ._middleware import REPLAY_KEY, ASGIApp, Message
 from ._progress import reporting_to
 from ._wire import encode_response, request_scope
@@ -29,10 +29,18 @@ from ._wire import encode_response, request_scope
 logger = logging.getLogger(__name__)
 
 _MiB = 1024 * 1024
+DEFAULT_TIME_LIMIT = 1800.0
 
 
 class ResponseTooLarge(Exception):
     """The endpoint's response is larger than ``max_response_size``."""
+
+
+class AttemptsExhausted(Exception):
+    """The replay's worker died on every delivery, ``max_attempts`` times."""
+
+    def __init__(self, attempts: int) -> None:
+        super().__init__(f"the worker died on each of {attempts} attempts")
 
 
 class LifespanFailed(Exception):
@@ -47,6 +55,8 @@ def register_replay(
     celery_app: Celery,
     apps: Mapping[str, ASGIApp | str],
     *,
+    max_attempts: int = 3,
+    time_limit: float | None = None,
     max_response_size: int = 10 * _MiB,
     lifespan_timeout: float = 30.0,
     cancel_check_interval: float = 0.5,
@@ -58,13 +68,23 @@ def register_replay(
     also avoids an import cycle between the app and the module that makes the Celery app).
 
     The task is late-acknowledged and re-queued when its worker process dies, so a request
-    may run more than once: endpoints on marked routes should be idempotent.
+    may run more than once: endpoints on marked routes should be idempotent. A request whose
+    worker dies ``max_attempts`` times (one that kills it, say) then fails with a 500 instead
+    of looping. ``time_limit`` (default: Celery's ``task_time_limit``, else 30 minutes) stops a
+    replay and fails it; with a Redis broker it must stay below the ``visibility_timeout``, or
+    Redis would hand a running task to a second worker: such a configuration refuses to start.
     """
     if not apps:
         raise ConfigurationError("register_replay(apps=...) is empty: name at least one app")
     if TASK_NAME in celery_app.tasks:
         raise ConfigurationError("register_replay was already called for this Celery app")
+    if max_attempts < 1:
+        raise ConfigurationError(f"max_attempts={max_attempts!r}: it must be at least 1")
     binding = Binding.of(celery_app)
+    soft_limit = float(time_limit or celery_app.conf.task_time_limit or DEFAULT_TIME_LIMIT)
+    # The soft limit cancels the replay in-process; the hard one, a little later, kills a
+    # process whose endpoint ignores cancellation (a blocking call in a thread).
+    hard_limit = hard_time_limit(celery_app, soft_limit)
     registry = _Apps(apps, lifespan_timeout)
 
     def replay(task: Task, envelope: dict[str, Any]) -> dict[str, Any]:
@@ -83,6 +103,12 @@ def register_replay(
 
         if cancelled():
             drop()
+        attempts = binding.count_attempt(store, task_id)
+        if attempts > max_attempts:
+            # Each earlier delivery died with its worker: stop redelivering, report a failure.
+            logger.warning("task %s failed: its worker died %d times", task_id, attempts - 1)
+            task.backend.mark_as_failure(task_id, AttemptsExhausted(attempts - 1))
+            raise Ignore()
         app = registry.get(envelope.get("app", ""))
 
         def progress(data: dict[str, Any]) -> None:
@@ -111,6 +137,8 @@ def register_replay(
         acks_late=True,
         reject_on_worker_lost=True,
         track_started=True,
+        soft_time_limit=soft_limit,
+        time_limit=hard_limit,
         serializer="json",
         shared=False,  # registered on this Celery app only, not on every app in the process
         # Celery logs a task's return value at INFO: cut it before the headers and the body.

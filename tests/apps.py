@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import redis.asyncio
+from celery import Celery
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
@@ -109,6 +111,13 @@ async def progress(request: Request) -> JSONResponse:
     return JSONResponse({"done": True})
 
 
+async def die(request: Request) -> JSONResponse:
+    """Counts its runs, then kills the worker process running it: a poison request."""
+    await incr(request.query_params["key"])
+    os.kill(os.getpid(), signal.SIGKILL)
+    return JSONResponse({"unreachable": True})
+
+
 async def not_found(request: Request) -> JSONResponse:
     return JSONResponse({"detail": "no such thing"}, status_code=404)
 
@@ -123,42 +132,53 @@ async def ws(websocket: WebSocket) -> None:
     await websocket.close()
 
 
-probe_app = Starlette(
-    routes=[
-        Route("/echo", echo, methods=["POST"]),
-        Route("/items/{item_id:int}", echo, methods=["POST", "GET"]),
-        Route("/slow", slow, methods=["POST"]),
-        Route("/mark", mark, methods=["POST"]),
-        Route("/cookies", cookies, methods=["POST"]),
-        Route("/state", state, methods=["POST"]),
-        Route("/boom", boom, methods=["POST"]),
-        Route("/background", background, methods=["POST"]),
-        Route("/progress", progress, methods=["POST"]),
-        Route("/notfound", not_found, methods=["POST"]),
-        Route("/health", health),
-        WebSocketRoute("/ws", ws),
-    ],
-    middleware=[
-        Middleware(
-            AsyncTaskMiddleware,
-            celery_app=celery_app,
-            name="probe",
-            routes=[
-                "POST /echo",
-                "POST /items/{item_id:int}",
-                "POST /slow",
-                "POST /mark",
-                "POST /cookies",
-                "POST /state",
-                "POST /boom",
-                "POST /background",
-                "POST /progress",
-                "POST /notfound",
-            ],
-        )
-    ],
-    lifespan=lifespan,
-)
+PROBE_ROUTES = [
+    "POST /echo",
+    "POST /items/{item_id:int}",
+    "POST /slow",
+    "POST /mark",
+    "POST /cookies",
+    "POST /state",
+    "POST /boom",
+    "POST /background",
+    "POST /progress",
+    "POST /die",
+    "POST /notfound",
+]
+
+
+def build_probe(celery: Celery, **options: Any) -> Starlette:
+    """The probe app; the worker replays into ``probe_app``, which has the same endpoints."""
+    return Starlette(
+        routes=[
+            Route("/echo", echo, methods=["POST"]),
+            Route("/items/{item_id:int}", echo, methods=["POST", "GET"]),
+            Route("/slow", slow, methods=["POST"]),
+            Route("/mark", mark, methods=["POST"]),
+            Route("/cookies", cookies, methods=["POST"]),
+            Route("/state", state, methods=["POST"]),
+            Route("/boom", boom, methods=["POST"]),
+            Route("/background", background, methods=["POST"]),
+            Route("/progress", progress, methods=["POST"]),
+            Route("/die", die, methods=["POST"]),
+            Route("/notfound", not_found, methods=["POST"]),
+            Route("/health", health),
+            WebSocketRoute("/ws", ws),
+        ],
+        middleware=[
+            Middleware(
+                AsyncTaskMiddleware,
+                celery_app=celery,
+                name="probe",
+                routes=PROBE_ROUTES,
+                **options,
+            )
+        ],
+        lifespan=lifespan,
+    )
+
+
+probe_app = build_probe(celery_app)
 
 # The same probe app behind a mount: its status URLs live under /api.
 mounted_app = Starlette(routes=[Mount("/api", app=probe_app)])

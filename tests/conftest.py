@@ -21,7 +21,9 @@ from tests._servers import RedisServer, Worker, free_port
 # The apps read REDIS_URL when they are imported; the port is fixed before any of them is.
 _PORT = free_port()
 os.environ["REDIS_URL"] = f"redis://127.0.0.1:{_PORT}/0"
-os.environ.pop("BROKER_URL", None)
+# The core suite runs once with Redis as the broker and once with RabbitMQ
+# (ATM_TEST_BROKER_URL=amqp://...); the result backend is always the private Redis.
+os.environ["BROKER_URL"] = os.environ.get("ATM_TEST_BROKER_URL", "")
 
 LOCATION = re.compile(
     r"^(?P<path>.*)/(?P<id>[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12})$"

@@ -122,15 +122,16 @@ async def test_stopped_broker_is_503(faulty: httpx.AsyncClient, private_redis: R
     assert elapsed < DEADLINE + 1.0
 
 
-async def test_failed_publish_leaves_no_record(private_redis: RedisServer) -> None:
+@pytest.mark.parametrize("scheme", ["redis", "amqp"])
+async def test_failed_publish_leaves_no_record(private_redis: RedisServer, scheme: str) -> None:
     """Celery's publish path writes the record first; a refused publish takes it back."""
     import redis
 
     from tests._servers import free_port
 
-    celery_app = Celery(
-        "faulty", broker=f"redis://127.0.0.1:{free_port()}/0", backend=private_redis.url
-    )
+    broker = f"{scheme}://guest:guest@127.0.0.1:{free_port()}/"
+    celery_app = Celery("faulty", broker=broker, backend=private_redis.url)
+    celery_app.conf.broker_transport_options = {"confirm_publish": True}
     app = AsyncTaskMiddleware(
         Starlette(), celery_app=celery_app, routes=["POST /jobs"], publish_timeout=DEADLINE
     )

@@ -6,11 +6,15 @@ from celery import Celery
 
 from async_task_middleware import register_replay
 
-celery_app = Celery("tests", broker=os.environ["REDIS_URL"], backend=os.environ["REDIS_URL"])
+REDIS_URL = os.environ["REDIS_URL"]
+
+celery_app = Celery("tests", broker=os.environ.get("BROKER_URL") or REDIS_URL, backend=REDIS_URL)
 celery_app.conf.update(
     accept_content=["json"],
     worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True,
+    broker_transport_options={"confirm_publish": True, "visibility_timeout": 60},
+    result_expires=int(os.environ.get("ATM_TEST_RESULT_EXPIRES", 24 * 3600)),
 )
 
 register_replay(
@@ -21,4 +25,6 @@ register_replay(
         "wordcount-litestar": "examples.wordcount.litestar_app:app",
         "probe": "tests.apps:probe_app",
     },
+    time_limit=float(os.environ.get("ATM_TEST_TIME_LIMIT", 20)),
+    max_attempts=2,
 )

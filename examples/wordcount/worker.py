@@ -22,6 +22,8 @@ celery_app = Celery(
 celery_app.conf.update(
     accept_content=["json"],
     broker_connection_retry_on_startup=True,
+    # With RabbitMQ, a 303 only for a task the broker confirmed; Redis ignores the option.
+    broker_transport_options={"confirm_publish": True},
     worker_prefetch_multiplier=1,
 )
 

@@ -1,0 +1,163 @@
+"""Nothing lost: worker deaths, time limits, cancellation while no worker is up, expiry, broker
+restarts. Each case runs real processes: Redis, Celery workers, and kills them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+import redis
+from asgi_lifespan import LifespanManager
+from celery import Celery
+
+from async_task_middleware import ConfigurationError, register_replay
+from tests._servers import ROOT, RedisServer, Worker
+from tests.apps import build_probe
+from tests.conftest import final, make_client, submit
+
+pytestmark = pytest.mark.anyio
+
+TIME_LIMIT = 2
+EXPIRES = 4
+
+
+def runs(url: str, key: str) -> int:
+    return int(redis.Redis.from_url(url).get(key) or 0)
+
+
+async def test_poison_request_fails_after_max_attempts(
+    probe: httpx.AsyncClient, redis_server: RedisServer
+) -> None:
+    """A request that kills its worker process every time: re-delivered, then failed."""
+    key = f"die-{uuid.uuid4()}"
+    response = await final(probe, await submit(probe, f"/die?key={key}"), timeout=60)
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/problem+json"
+    assert runs(redis_server.url, key) == 2  # tests/worker.py: max_attempts=2
+
+
+# -- a Redis and a worker of this module's own, with short limits, stopped and restarted ------
+
+
+@pytest.fixture(scope="module")
+def own_redis(logdir: Path) -> Iterator[RedisServer]:
+    server = RedisServer(logdir / "delivery-redis").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def own_worker(own_redis: RedisServer, logdir: Path) -> Iterator[Worker]:
+    env = {
+        "REDIS_URL": own_redis.url,
+        "BROKER_URL": "",
+        "ATM_TEST_TIME_LIMIT": str(TIME_LIMIT),
+        "ATM_TEST_RESULT_EXPIRES": str(EXPIRES),
+    }
+    proc = Worker("tests.worker", env, logdir / "delivery-worker.log").start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+async def own(own_worker: Worker, own_redis: RedisServer) -> AsyncIterator[httpx.AsyncClient]:
+    celery = Celery("own", broker=own_redis.url, backend=own_redis.url)
+    celery.conf.update(result_expires=EXPIRES)
+    app = build_probe(celery)
+    async with LifespanManager(app), make_client(app) as client:
+        yield client
+
+
+async def test_time_limit_fails_the_task(own: httpx.AsyncClient) -> None:
+    started = anyio.current_time()
+    response = await final(own, await submit(own, "/slow?seconds=30"), timeout=20)
+    assert response.status_code == 500
+    assert anyio.current_time() - started < 15
+
+
+async def test_record_and_result_expire_together(
+    own: httpx.AsyncClient, own_redis: RedisServer
+) -> None:
+    location = await submit(own, "/echo", content=b"short-lived")
+    assert (await final(own, location)).status_code == 200
+    task_id = location.rsplit("/", 1)[1]
+    client = redis.Redis.from_url(own_redis.url)
+    assert client.ttl(f"async-task-middleware-{task_id}") <= EXPIRES
+    assert 0 < client.ttl(f"celery-task-meta-{task_id}") <= EXPIRES
+    await anyio.sleep(EXPIRES + 1)
+    assert (await own.get(location)).status_code == 404
+    assert client.exists(f"async-task-middleware-{task_id}", f"celery-task-meta-{task_id}") == 0
+
+
+async def test_cancelled_while_no_worker_was_up_never_runs(
+    own: httpx.AsyncClient, own_worker: Worker, own_redis: RedisServer
+) -> None:
+    key = f"offline-{uuid.uuid4()}"
+    own_worker.stop()
+    try:
+        location = await submit(own, f"/mark?key={key}")
+        assert (await own.get(location)).json()["status"] == "queued"
+        assert (await own.delete(location)).status_code == 204
+    finally:
+        own_worker.start()
+    control = await submit(own, f"/mark?key={key}-control")
+    assert (await final(own, control)).status_code == 200
+    assert runs(own_redis.url, f"{key}-control") == 1
+    assert runs(own_redis.url, key) == 0
+    assert (await own.get(location)).status_code == 404
+
+
+async def test_worker_reconnects_after_redis_restart(
+    own: httpx.AsyncClient, own_redis: RedisServer
+) -> None:
+    assert (await final(own, await submit(own, "/echo", content=b"before"))).status_code == 200
+    own_redis.stop()
+    own_redis.start()
+    with anyio.fail_after(30):
+        while True:
+            response = await own.post("/echo", content=b"after")
+            if response.status_code == 303:
+                break
+            assert response.status_code == 503
+            await anyio.sleep(0.2)
+    assert (await final(own, response.headers["location"], timeout=60)).status_code == 200
+
+
+# -- refusing to start ----------------------------------------------------------------------
+
+
+def test_time_limit_above_visibility_timeout_refused() -> None:
+    celery = Celery("t", broker="redis://127.0.0.1:1/0", backend="redis://127.0.0.1:1/0")
+    celery.conf.broker_transport_options = {"visibility_timeout": 60}
+    with pytest.raises(ConfigurationError, match="visibility_timeout") as refused:
+        register_replay(celery, {"default": "x:y"}, time_limit=50)
+    assert "time_limit" in str(refused.value)
+    register_replay(celery, {"default": "x:y"}, time_limit=49)
+
+
+def test_amqp_without_publisher_confirms_refused() -> None:
+    celery = Celery("t", broker="amqp://guest:guest@127.0.0.1:5672//", backend="redis://x/0")
+    with pytest.raises(ConfigurationError, match="confirm_publish"):
+        register_replay(celery, {"default": "x:y"})
+
+
+def test_worker_process_refuses_to_start(tmp_path: Path) -> None:
+    """The same check, as a user meets it: ``celery worker`` exits and says what to change."""
+    env = {**os.environ, "REDIS_URL": "redis://127.0.0.1:1/0", "ATM_TEST_TIME_LIMIT": "3600"}
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tests.worker", "worker"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "visibility_timeout" in result.stderr + result.stdout
