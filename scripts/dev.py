@@ -3,6 +3,7 @@
 
     python3 scripts/dev.py example [--framework fastapi|starlette|litestar] [--port 8000] [--once]
     python3 scripts/dev.py test [pytest arguments]
+    python3 scripts/dev.py faults [--short | --count N]
 
 Both make ``.venv`` and install the project with its extras into it when it is missing or
 ``pyproject.toml`` changed. ``example`` runs the word count end to end: a Redis (``REDIS_URL``,
@@ -208,11 +209,15 @@ def main() -> None:
     ex.add_argument("--port", type=int, default=8000)
     ex.add_argument("--once", action="store_true", help="stop after the demo request")
     sub.add_parser("test", help="run ruff, mypy and the test suite", add_help=False)
+    sub.add_parser("faults", help="the long fault-injection suite (1,000 per scenario)")
     args, rest = parser.parse_known_args()
     if args.command == "example":
         if rest:
             parser.error(f"unknown arguments: {' '.join(rest)}")
         example(args)
+    elif args.command == "faults":
+        ensure_venv()
+        sys.exit(subprocess.run([str(PYTHON), "-m", "tests.faults", *rest], cwd=ROOT).returncode)
     else:
         test(rest)
 

@@ -45,8 +45,15 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05) -> No
 class RedisServer:
     """A throw-away redis-server on a free loopback port, keeping nothing on disk."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, persistent: bool = False) -> None:
         self.port = port or free_port()
+        # Persistent: every write is in the append-only file before Redis answers it, the
+        # setting the README recommends for a broker that must survive a restart.
+        self._persistence = (
+            ["--appendonly", "yes", "--appendfsync", "always"]
+            if persistent
+            else ["--appendonly", "no"]
+        )
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._workdir = workdir
         self._proc: subprocess.Popen[bytes] | None = None
@@ -62,8 +69,7 @@ class RedisServer:
                 "127.0.0.1",
                 "--save",
                 "",
-                "--appendonly",
-                "no",
+                *self._persistence,
                 "--dir",
                 str(self._workdir),
             ],
@@ -95,6 +101,12 @@ class RedisServer:
             self._proc.send_signal(signal.SIGCONT)
             self._proc.terminate()
             self._proc.wait(10)
+        self._proc = None
+
+    def kill(self) -> None:
+        assert self._proc is not None
+        self._proc.kill()
+        self._proc.wait(10)
         self._proc = None
 
 
@@ -130,6 +142,7 @@ class Worker:
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, so kill() takes the pool too
             )
         proc = self._proc
 
@@ -156,6 +169,13 @@ class Worker:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait(5)
+        self._proc = None
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its pool processes at once, mid-task."""
+        assert self._proc is not None
+        os.killpg(self._proc.pid, signal.SIGKILL)
+        self._proc.wait(10)
         self._proc = None
 
 

@@ -150,7 +150,12 @@ def test_amqp_without_publisher_confirms_refused() -> None:
 
 def test_worker_process_refuses_to_start(tmp_path: Path) -> None:
     """The same check, as a user meets it: ``celery worker`` exits and says what to change."""
-    env = {**os.environ, "REDIS_URL": "redis://127.0.0.1:1/0", "ATM_TEST_TIME_LIMIT": "3600"}
+    env = {
+        **os.environ,
+        "REDIS_URL": "redis://127.0.0.1:1/0",
+        "BROKER_URL": "",
+        "ATM_TEST_TIME_LIMIT": "3600",
+    }
     result = subprocess.run(
         [sys.executable, "-m", "celery", "-A", "tests.worker", "worker"],
         cwd=ROOT,

@@ -6,14 +6,20 @@ from celery import Celery
 
 from async_task_middleware import register_replay
 
-REDIS_URL = os.environ["REDIS_URL"]
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
 celery_app = Celery("tests", broker=os.environ.get("BROKER_URL") or REDIS_URL, backend=REDIS_URL)
 celery_app.conf.update(
     accept_content=["json"],
     worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True,
-    broker_transport_options={"confirm_publish": True, "visibility_timeout": 60},
+    broker_transport_options={
+        "confirm_publish": True,
+        "visibility_timeout": int(os.environ.get("ATM_TEST_VISIBILITY", 60)),
+        # Sweep for messages of dead workers every 2 s, not every 100 s.
+        "unacked_restore_interval": 2,
+        "unacked_restore_throttle": 1,
+    },
     result_expires=int(os.environ.get("ATM_TEST_RESULT_EXPIRES", 24 * 3600)),
 )
 

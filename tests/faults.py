@@ -1,0 +1,276 @@
+"""The fault-injection suite: real Redis, real workers, killed and paused while requests flow.
+
+    python -m tests.faults            # the long version: 1,000 submissions per scenario
+    python -m tests.faults --short    # what CI runs (through tests/test_fault_suite.py)
+
+Every scenario submits requests to the probe app's ``POST /mark`` (each counts its runs in
+Redis under a key of its own and answers with that key), does its damage meanwhile, then polls
+every accepted task until it is final. It prints, per scenario: submitted, 303s, 503s (refused:
+nothing was promised), final outcomes, lost (a 303 that never became final), re-runs (an
+endpoint that ran twice: at-least-once delivery after a kill) and wrong results (a result that
+names another task's key, or two tasks sharing one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import httpx
+import redis
+from asgi_lifespan import LifespanManager
+from celery import Celery
+
+from tests._servers import RedisServer, Worker
+
+RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
+VISIBILITY = 15  # seconds; the replay's hard time limit (3 + 10 s) stays below it
+CONCURRENCY = 20
+
+
+@dataclass
+class Tally:
+    scenario: str
+    broker: str
+    submitted: int = 0
+    accepted: int = 0
+    refused: int = 0
+    done: int = 0
+    failed: int = 0
+    lost: int = 0
+    reruns: int = 0
+    wrong: int = 0
+    seconds: float = 0.0
+    locations: dict[int, str] = field(default_factory=dict)
+
+    def row(self) -> str:
+        return (
+            f"| {self.scenario} | {self.broker} | {self.submitted} | {self.accepted} | "
+            f"{self.refused} | {self.done} | {self.failed} | {self.lost} | {self.reruns} | "
+            f"{self.wrong} | {self.seconds:.0f} |"
+        )
+
+
+HEADER = (
+    "| scenario | broker | submitted | 303 | 503 | 200 | 500 | lost | re-runs | wrong | s |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+)
+
+
+class Rig:
+    """One scenario's Redis, worker and in-process web app."""
+
+    def __init__(self, workdir: Path, broker: str) -> None:
+        self.redis = RedisServer(workdir / "redis", persistent=True)
+        self.broker = broker
+        self._workdir = workdir
+        self.worker: Worker | None = None
+
+    def start_worker(self) -> None:
+        env = {
+            "REDIS_URL": self.redis.url,
+            "BROKER_URL": RABBITMQ_URL if self.broker == "rabbitmq" else "",
+            "ATM_TEST_TIME_LIMIT": "3",
+            "ATM_TEST_VISIBILITY": str(VISIBILITY),
+        }
+        self.worker = Worker("tests.worker", env, self._workdir / "worker.log").start()
+
+    def kill_worker(self) -> None:
+        assert self.worker is not None
+        self.worker.kill()
+
+    def celery(self) -> Celery:
+        broker = RABBITMQ_URL if self.broker == "rabbitmq" else self.redis.url
+        app = Celery("faults", broker=broker, backend=self.redis.url)
+        app.conf.broker_transport_options = {
+            "confirm_publish": True,
+            "visibility_timeout": VISIBILITY,
+        }
+        return app
+
+
+Chaos = Callable[[Rig, anyio.Event], Awaitable[None]]
+
+
+async def no_chaos(rig: Rig, submitted: anyio.Event) -> None:
+    await submitted.wait()
+
+
+async def kill_worker_once(rig: Rig, submitted: anyio.Event) -> None:
+    await anyio.sleep(1.0)  # requests are being replayed now
+    rig.kill_worker()
+    await anyio.sleep(1.0)
+    await anyio.to_thread.run_sync(rig.start_worker)
+    await submitted.wait()
+
+
+async def kill_worker_every_3s(rig: Rig, submitted: anyio.Event) -> None:
+    while not submitted.is_set():
+        await anyio.sleep(3.0)
+        rig.kill_worker()
+        await anyio.to_thread.run_sync(rig.start_worker)
+    # And once more while the queue drains.
+    await anyio.sleep(2.0)
+    rig.kill_worker()
+    await anyio.to_thread.run_sync(rig.start_worker)
+
+
+async def restart_redis(rig: Rig, submitted: anyio.Event) -> None:
+    await anyio.sleep(1.0)
+    rig.redis.kill()  # SIGKILL: only what the append-only file holds survives
+    await anyio.sleep(1.0)
+    await anyio.to_thread.run_sync(rig.redis.start)
+    await submitted.wait()
+
+
+async def pause_redis(rig: Rig, submitted: anyio.Event) -> None:
+    await anyio.sleep(1.0)
+    rig.redis.pause()
+    await anyio.sleep(3.0)
+    rig.redis.resume()
+    await submitted.wait()
+
+
+SCENARIOS: dict[str, tuple[Chaos, tuple[str, ...]]] = {
+    "no faults": (no_chaos, ("redis",)),
+    "worker SIGKILLed mid-replay": (kill_worker_once, ("redis", "rabbitmq")),
+    "worker SIGKILLed every 3 s": (kill_worker_every_3s, ("redis",)),
+    "Redis SIGKILLed and restarted": (restart_redis, ("redis",)),
+    "Redis paused 3 s": (pause_redis, ("redis",)),
+}
+
+
+async def run(scenario: str, broker: str, count: int, workdir: Path) -> Tally:
+    from tests.apps import build_probe
+
+    chaos, _ = SCENARIOS[scenario]
+    tally = Tally(scenario, broker)
+    rig = Rig(workdir, broker)
+    rig.redis.start()
+    started = time.monotonic()
+    try:
+        rig.start_worker()
+        app = build_probe(rig.celery())
+        transport = httpx.ASGITransport(app=app)
+        async with (
+            LifespanManager(app),
+            httpx.AsyncClient(transport=transport, base_url="http://faults", timeout=30) as client,
+        ):
+            submitted = anyio.Event()
+            limiter = anyio.CapacityLimiter(CONCURRENCY)
+
+            async def submit(i: int) -> None:
+                async with limiter:
+                    tally.submitted += 1
+                    url = f"/mark?key=fault-{i}&seconds=0.05"
+                    response = await client.post(url)
+                if response.status_code == 303:
+                    tally.accepted += 1
+                    tally.locations[i] = response.headers["location"]
+                else:
+                    assert response.status_code == 503, response.status_code
+                    tally.refused += 1
+
+            async def submit_all() -> None:
+                async with anyio.create_task_group() as tg:
+                    for i in range(count):
+                        tg.start_soon(submit, i)
+                        await anyio.sleep(0.005)  # a steady stream, not one burst
+                submitted.set()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(submit_all)
+                tg.start_soon(chaos, rig, submitted)
+
+            deadline = VISIBILITY + 120 + count * 0.1
+            outcomes = await collect(client, tally.locations, deadline, limiter)
+        ledger = redis.Redis.from_url(rig.redis.url)
+        keys_seen: dict[str, int] = {}
+        for i, response in outcomes.items():
+            if response is None:
+                tally.lost += 1
+            elif response.status_code == 200:
+                tally.done += 1
+                key = response.json()["marked"]
+                tally.wrong += key != f"fault-{i}"
+                keys_seen[key] = keys_seen.get(key, 0) + 1
+            else:
+                tally.failed += 1
+        tally.wrong += sum(n - 1 for n in keys_seen.values())
+        for i in tally.locations:
+            tally.reruns += max(0, int(ledger.get(f"fault-{i}") or 0) - 1)
+        ledger.close()
+    finally:
+        if rig.worker is not None:
+            rig.worker.stop()
+        rig.redis.stop()
+    tally.seconds = time.monotonic() - started
+    return tally
+
+
+async def collect(
+    client: httpx.AsyncClient,
+    locations: dict[int, str],
+    deadline: float,
+    limiter: anyio.CapacityLimiter,
+) -> dict[int, httpx.Response | None]:
+    """Poll every accepted task until final; None for those still not final at the deadline."""
+    outcomes: dict[int, httpx.Response | None] = dict.fromkeys(locations)
+    end = time.monotonic() + deadline
+
+    async def poll(i: int, location: str) -> None:
+        while time.monotonic() < end:
+            async with limiter:
+                response = await client.get(location)
+            if response.status_code not in (202, 503):
+                outcomes[i] = response
+                return
+            await anyio.sleep(0.5)
+
+    async with anyio.create_task_group() as tg:
+        for i, location in locations.items():
+            tg.start_soon(poll, i, location)
+    return outcomes
+
+
+def rabbitmq_up() -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", 5672)) == 0
+
+
+def cases() -> list[tuple[str, str]]:
+    return [
+        (name, broker)
+        for name, (_, brokers) in SCENARIOS.items()
+        for broker in brokers
+        if broker == "redis" or rabbitmq_up()
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="fault-injection suite")
+    parser.add_argument("--short", action="store_true", help="100 submissions per scenario")
+    parser.add_argument("--count", type=int, help="submissions per scenario")
+    args = parser.parse_args()
+    count = args.count or (100 if args.short else 1000)
+    print(f"{count} submissions per scenario, {CONCURRENCY} at a time\n", flush=True)
+    print(HEADER, flush=True)
+    tallies = []
+    with tempfile.TemporaryDirectory(prefix="faults-") as tmp:
+        for n, (scenario, broker) in enumerate(cases()):
+            tally = anyio.run(run, scenario, broker, count, Path(tmp) / str(n))
+            tallies.append(tally)
+            print(tally.row(), flush=True)
+    sys.exit(1 if any(t.lost or t.wrong for t in tallies) else 0)
+
+
+if __name__ == "__main__":
+    main()

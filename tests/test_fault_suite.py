@@ -1,0 +1,28 @@
+"""The short fault-injection suite (100 submissions per scenario): nothing lost, ever.
+
+The long version is ``python3 scripts/dev.py faults``; the README shows its table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.faults import cases, run
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.mark.parametrize(("scenario", "broker"), cases())
+async def test_nothing_lost(scenario: str, broker: str, tmp_path: Path) -> None:
+    tally = await run(scenario, broker, 100, tmp_path)
+    print(tally.row())
+    assert tally.submitted == 100
+    assert tally.accepted + tally.refused == 100
+    assert tally.accepted > 0
+    assert tally.lost == 0, tally.row()
+    assert tally.wrong == 0, tally.row()
+    assert tally.done + tally.failed == tally.accepted
+    if scenario == "no faults":
+        assert tally.done == 100 and tally.reruns == 0
