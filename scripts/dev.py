@@ -4,6 +4,7 @@
     python3 scripts/dev.py example [--framework fastapi|starlette|litestar] [--port 8000] [--once]
     python3 scripts/dev.py test [pytest arguments]
     python3 scripts/dev.py faults [--short | --count N]
+    python3 scripts/dev.py bench [--seconds S] [--rounds R]
 
 Both make ``.venv`` and install the project with its extras into it when it is missing or
 ``pyproject.toml`` changed. ``example`` runs the word count end to end: a Redis (``REDIS_URL``,
@@ -47,7 +48,7 @@ def ensure_venv() -> None:
     say("installing the project with its examples and test extras into .venv")
     pip = [str(PYTHON), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     subprocess.run([*pip, "--upgrade", "pip"], check=True, cwd=ROOT)
-    subprocess.run([*pip, "-e", ".[examples,test]"], check=True, cwd=ROOT)
+    subprocess.run([*pip, "-e", ".[examples,test,bench]"], check=True, cwd=ROOT)
     stamp.write_text(wanted)
 
 
@@ -210,14 +211,16 @@ def main() -> None:
     ex.add_argument("--once", action="store_true", help="stop after the demo request")
     sub.add_parser("test", help="run ruff, mypy and the test suite", add_help=False)
     sub.add_parser("faults", help="the long fault-injection suite (1,000 per scenario)")
+    sub.add_parser("bench", help="the benchmark suite (needs wrk)", add_help=False)
     args, rest = parser.parse_known_args()
     if args.command == "example":
         if rest:
             parser.error(f"unknown arguments: {' '.join(rest)}")
         example(args)
-    elif args.command == "faults":
+    elif args.command in ("faults", "bench"):
         ensure_venv()
-        sys.exit(subprocess.run([str(PYTHON), "-m", "tests.faults", *rest], cwd=ROOT).returncode)
+        module = {"faults": "tests.faults", "bench": "benchmarks.run"}[args.command]
+        sys.exit(subprocess.run([str(PYTHON), "-m", module, *rest], cwd=ROOT).returncode)
     else:
         test(rest)
 

@@ -1,0 +1,429 @@
+"""The benchmark suite: the middleware against the hand-written way and the ceiling, one run.
+
+    python3 scripts/dev.py bench [--seconds 3] [--rounds 3]
+
+Needs ``wrk`` (Debian: ``apt-get install wrk``). Starts a private Redis, one uvicorn process per
+contender (uvloop + httptools), and interleaves the contenders round by round so that drift of
+a noisy machine hits them alike; the table shows the median of the rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import redis
+
+from tests._servers import RedisServer, Uvicorn, Worker, wait_for
+
+BOUNDARY = "benchboundary"
+TEXT = "the quick brown fox jumps over the lazy dog " * 4
+MULTIPART = (
+    f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="text"; filename="t.txt"\r\n'
+    f"Content-Type: text/plain\r\n\r\n{TEXT}\r\n--{BOUNDARY}--\r\n"
+)
+
+
+@dataclass
+class Figure:
+    rps: float
+    p50: float
+    p99: float
+    errors: int
+
+
+def _ms(value: str) -> float:
+    number, unit = re.match(r"([\d.]+)(\w+)", value).groups()  # type: ignore[union-attr]
+    return float(number) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}[unit]
+
+
+def wrk(url: str, seconds: float, connections: int, script: str | None = None) -> Figure:
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+    if script:
+        command[1:1] = ["-s", script]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: .*", out)
+    count = int(errors.group(1)) if errors else 0
+    if socket_errors:
+        count += sum(int(n) for n in re.findall(r"\d+", socket_errors.group(0)))
+    return Figure(rps, p50, p99, count)
+
+
+def post_script(tmp: Path) -> str:
+    path = tmp / "post.lua"
+    body = MULTIPART.replace("\\", "\\\\").replace('"', '\\"').replace("\r\n", "\\r\\n")
+    path.write_text(
+        'wrk.method = "POST"\n'
+        f'wrk.body = "{body}"\n'
+        f'wrk.headers["Content-Type"] = "multipart/form-data; boundary={BOUNDARY}"\n'
+    )
+    return str(path)
+
+
+def submit(base: str) -> str:
+    files = {"text": ("t.txt", TEXT.encode())}
+    response = httpx.post(f"{base}/words", files=files, follow_redirects=False)
+    assert response.status_code == 303, response.text
+    return response.headers["location"]
+
+
+def wait_final(base: str, location: str) -> None:
+    def done() -> bool:
+        return httpx.get(f"{base}{location}").status_code == 200
+
+    wait_for(done, 60, f"result at {location}", interval=0.1)
+
+
+def rss_kib(pid: int) -> int:
+    total = 0
+    pids = [
+        pid,
+        *map(
+            int,
+            subprocess.run(
+                ["pgrep", "-P", str(pid)], capture_output=True, text=True
+            ).stdout.split(),
+        ),
+    ]
+    for p in pids:
+        status = Path(f"/proc/{p}/status").read_text()
+        total += int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+    return total
+
+
+class Suite:
+    def __init__(self, tmp: Path, seconds: float, rounds: int, connections: int) -> None:
+        self.tmp = tmp
+        self.seconds = seconds
+        self.rounds = rounds
+        self.connections = connections
+        self.redis = RedisServer(tmp / "redis").start()
+        self.env = {"REDIS_URL": self.redis.url, "BROKER_URL": ""}
+        self.r = redis.Redis.from_url(self.redis.url)
+        self.servers: dict[str, Uvicorn] = {}
+        self.script = post_script(tmp)
+
+    def serve(self, name: str) -> str:
+        if name not in self.servers:
+            server = Uvicorn(
+                f"benchmarks.apps:{name}",
+                self.env,
+                self.tmp / f"{name}.log",
+                "--loop",
+                "uvloop",
+                "--http",
+                "httptools",
+                "--log-level",
+                "warning",
+            )
+            self.servers[name] = server.start()
+        return self.servers[name].url
+
+    def worker(self, module: str) -> Worker:
+        return Worker(module, self.env, self.tmp / "worker.log").start()
+
+    def close(self) -> None:
+        for server in self.servers.values():
+            server.stop()
+        self.redis.stop()
+
+    # -- throughput and latency, interleaved -------------------------------------------------
+
+    def throughput(self) -> list[tuple[str, dict[str, Figure]]]:
+        contenders = ("baseline", "ceiling", "middleware")
+        urls = {
+            name: self.serve(name)
+            for name in (*contenders, "bare", "bare_wrapped", "fastapi_plain")
+        }
+        pending = {name: submit(urls[name]) for name in contenders}
+        done = {}
+        mw = self.worker("examples.wordcount.worker")
+        base = self.worker("benchmarks.baseline_worker")
+        for name in ("baseline", "middleware"):
+            done[name] = submit(urls[name])
+            wait_final(urls[name], done[name])
+        mw.stop()
+        base.stop()
+        ceiling_id = "00000000-0000-4000-8000-000000000000"
+        self.r.set(f"ceiling-{ceiling_id}", json.dumps({"count": len(TEXT.split())}))
+        done["ceiling"] = f"/words/{ceiling_id}"
+
+        cases: list[tuple[str, dict[str, tuple[str, str | None]]]] = [
+            ("submit (POST /words)", {n: (f"{urls[n]}/words", self.script) for n in contenders}),
+            ("poll pending", {n: (urls[n] + pending[n], None) for n in contenders}),
+            ("poll done", {n: (urls[n] + done[n], None) for n in contenders}),
+            (
+                "unmarked, bare ASGI",
+                {
+                    "unwrapped": (f"{urls['bare']}/health", None),
+                    "wrapped": (f"{urls['bare_wrapped']}/health", None),
+                },
+            ),
+            (
+                "unmarked, FastAPI",
+                {
+                    "unwrapped": (f"{urls['fastapi_plain']}/health", None),
+                    "wrapped": (f"{urls['middleware']}/health", None),
+                },
+            ),
+        ]
+        samples: dict[tuple[str, str], list[Figure]] = {}
+        for round_ in range(self.rounds):
+            for case, runs in cases:
+                names = list(runs)
+                names = names[round_ % len(names) :] + names[: round_ % len(names)]
+                for name in names:
+                    url, script = runs[name]
+                    figure = wrk(url, self.seconds, self.connections, script)
+                    samples.setdefault((case, name), []).append(figure)
+            # Queues fill up during submit runs with no worker: empty them between rounds.
+            self.r.delete("celery", "baseline", "ceiling-queue")
+        results = []
+        for case, runs in cases:
+            medians = {}
+            for name in runs:
+                figures = samples[(case, name)]
+                medians[name] = Figure(
+                    statistics.median(f.rps for f in figures),
+                    statistics.median(f.p50 for f in figures),
+                    statistics.median(f.p99 for f in figures),
+                    sum(f.errors for f in figures),
+                )
+            results.append((case, medians))
+        return results
+
+    # -- event-loop lag ------------------------------------------------------------------------
+
+    def loop_lag(self) -> dict[str, dict[str, float]]:
+        url = self.serve("middleware_lag")
+        results = {}
+        httpx.get(f"{url}/_lag")
+        wrk(f"{url}/words", self.seconds * 2, self.connections, self.script)
+        results["submit load"] = httpx.get(f"{url}/_lag").json()
+        self.redis.pause()
+        try:
+            wrk(f"{url}/words", self.seconds * 2, self.connections, self.script)
+        finally:
+            self.redis.resume()
+        results["broker paused"] = httpx.get(f"{url}/_lag").json()
+        self.r.delete("celery")
+        return results
+
+    # -- worker side ---------------------------------------------------------------------------
+
+    def drain(self, count: int) -> dict[str, float]:
+        """Tasks per second for ``count`` queued word counts: the replay vs a plain task."""
+        rates = {}
+        url = self.serve("middleware")
+        self.r.flushdb()
+        client = httpx.Client(base_url=url)
+        for _ in range(count):
+            response = client.post("/words", files={"text": ("t.txt", TEXT.encode())})
+            assert response.status_code == 303
+        worker = self.worker("examples.wordcount.worker")
+        rss_at = self._wait_results(count, worker)
+        worker.stop()
+        rates["replay"] = self._rate(count)
+        rates["worker RSS growth %"] = 100.0 * (rss_at[1] - rss_at[0]) / rss_at[0]
+        rates["worker RSS MiB"] = rss_at[1] / 1024
+        self.r.flushdb()
+        from benchmarks.baseline_worker import celery_app as baseline_celery
+
+        for _ in range(count):
+            baseline_celery.send_task("baseline.count_words", args=[TEXT])
+        worker = self.worker("benchmarks.baseline_worker")
+        self._wait_results(count, worker)
+        worker.stop()
+        rates["plain task"] = self._rate(count)
+        self.r.flushdb()
+        return rates
+
+    def _metas(self) -> list[bytes]:
+        return list(self.r.scan_iter("celery-task-meta-*", count=1000))
+
+    def _wait_results(self, count: int, worker: Worker) -> tuple[int, int]:
+        pid = worker._proc.pid  # type: ignore[union-attr]
+        first = None
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            n = len(self._metas())
+            if first is None and n >= count // 5:
+                first = rss_kib(pid)
+            if n >= count:
+                return first or rss_kib(pid), rss_kib(pid)
+            time.sleep(0.2)
+        raise TimeoutError("the queue did not drain")
+
+    def _rate(self, count: int) -> float:
+        dates = []
+        for key in self._metas():
+            meta = json.loads(self.r.get(key))  # type: ignore[arg-type]
+            assert meta["status"] == "SUCCESS", meta
+            dates.append(meta["date_done"])
+        parsed = sorted(
+            time.mktime(time.strptime(d[:19], "%Y-%m-%dT%H:%M:%S")) + float("0" + d[19:26])
+            for d in dates
+        )
+        return (count - 1) / (parsed[-1] - parsed[0])
+
+    def round_trip(self, count: int) -> dict[str, float]:
+        """Median seconds from submit to a stored result: the middleware vs bare Celery."""
+        url = self.serve("middleware")
+        client = httpx.Client(base_url=url)
+        from benchmarks.baseline_worker import celery_app as baseline_celery
+
+        def measure(start_one: Callable[[], str]) -> float:
+            times = []
+            for _ in range(count):
+                started = time.perf_counter()
+                task_id = start_one()
+                key = f"celery-task-meta-{task_id}"
+                while not (self.r.get(key) or b"").startswith(b'{"status": "SUCCESS"'):
+                    time.sleep(0.0005)
+                times.append(time.perf_counter() - started)
+            return statistics.median(times)
+
+        def via_middleware() -> str:
+            response = client.post("/words", files={"text": ("t.txt", TEXT.encode())})
+            return str(response.headers["location"]).rsplit("/", 1)[1]
+
+        def via_celery() -> str:
+            return str(baseline_celery.send_task("baseline.count_words", args=[TEXT]).id)
+
+        results = {}
+        worker = self.worker("examples.wordcount.worker")
+        results["middleware"] = measure(via_middleware)
+        worker.stop()
+        worker = self.worker("benchmarks.baseline_worker")
+        results["bare Celery"] = measure(via_celery)
+        worker.stop()
+        return results
+
+    def web_rss(self, total: int) -> dict[str, float]:
+        """RSS of the web process after warm-up and after ``total`` requests (submit + poll)."""
+        url = self.serve("middleware")
+        pid = self.servers["middleware"]._proc.pid  # type: ignore[union-attr]
+        location = submit(url)
+        served = 0
+        readings = []
+        while served < total:
+            for target, script in ((f"{url}/words", self.script), (url + location, None)):
+                out = wrk(target, 2, self.connections, script)
+                served += int(out.rps * 2)
+            self.r.delete("celery")
+            readings.append((served, rss_kib(pid)))
+        warm = next(kib for n, kib in readings if n >= total // 10)
+        return {
+            "requests": served,
+            "after warm-up MiB": warm / 1024,
+            "at the end MiB": readings[-1][1] / 1024,
+            "growth %": 100.0 * (readings[-1][1] - warm) / warm,
+        }
+
+
+def table(results: list[tuple[str, dict[str, Figure]]]) -> str:
+    lines = [
+        "| path | contender | req/s | p50 ms | p99 ms | errors | vs baseline | vs ceiling |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for case, figures in results:
+        for name, f in figures.items():
+            if "baseline" in figures:
+                vs_base = f"{f.rps / figures['baseline'].rps:.2f}x"
+                vs_ceiling = f"{f.rps / figures['ceiling'].rps:.2f}x"
+            elif name == "wrapped":
+                vs_base = f"{100 * (f.rps / figures['unwrapped'].rps - 1):+.1f} % vs unwrapped"
+                vs_ceiling = ""
+            else:
+                vs_base = vs_ceiling = ""
+            lines.append(
+                f"| {case} | {name} | {f.rps:,.0f} | {f.p50:.2f} | {f.p99:.2f} | {f.errors} | "
+                f"{vs_base} | {vs_ceiling} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="per wrk run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--drain", type=int, default=5000)
+    parser.add_argument("--rss-requests", type=int, default=100_000)
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk is needed: apt-get install wrk")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    print(f"machine: {os.cpu_count()} cores, {cpu}, Python {platform.python_version()}")
+    print(
+        f"wrk: 1 thread, {args.connections} connections, {args.seconds:g} s a run, "
+        f"{args.rounds} interleaved rounds, medians\n",
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        suite = Suite(Path(tmp), args.seconds, args.rounds, args.connections)
+        try:
+            print(table(suite.throughput()), "\n", flush=True)
+            for situation, lag in suite.loop_lag().items():
+                print(
+                    f"event-loop lag, {situation}: p99 {lag['p99_ms']:.2f} ms, "
+                    f"max {lag['max_ms']:.2f} ms",
+                    flush=True,
+                )
+            drain = suite.drain(args.drain)
+            print(
+                f"\ndrain of {args.drain} queued word counts: replay {drain['replay']:.0f}/s, "
+                f"plain task {drain['plain task']:.0f}/s, "
+                f"ratio {drain['replay'] / drain['plain task']:.2f}x",
+                flush=True,
+            )
+            print(
+                f"worker RSS (process tree) {drain['worker RSS MiB']:.0f} MiB at the end, "
+                f"{drain['worker RSS growth %']:+.1f} % from 1/5 of the drain",
+                flush=True,
+            )
+            trip = suite.round_trip(100)
+            print(
+                f"submit-to-result median: middleware {trip['middleware'] * 1e3:.1f} ms, "
+                f"bare Celery {trip['bare Celery'] * 1e3:.1f} ms, "
+                f"ratio {trip['middleware'] / trip['bare Celery']:.2f}x",
+                flush=True,
+            )
+            rss = suite.web_rss(args.rss_requests)
+            print(
+                f"web RSS over {rss['requests']:,.0f} requests: "
+                f"{rss['after warm-up MiB']:.1f} MiB after warm-up, "
+                f"{rss['at the end MiB']:.1f} MiB at the end ({rss['growth %']:+.1f} %)"
+            )
+        finally:
+            suite.close()
+
+
+if __name__ == "__main__":
+    main()
