@@ -175,9 +175,8 @@ class AsyncTaskMiddleware:
         task_id = str(uuid.uuid4())
         envelope = capture_request(scope, body, self._name)
         try:
-            with anyio.fail_after(self._publish_timeout):
-                await self._publish(task_id, envelope)
-        except (_PublishFailed, StoreUnavailable, TimeoutError) as exc:
+            await self._publish(task_id, envelope)
+        except (_PublishFailed, StoreUnavailable) as exc:
             logger.warning("submission to %s refused: %s", instance, type(exc).__name__)
             await send_problem(
                 send,
@@ -200,12 +199,22 @@ class AsyncTaskMiddleware:
                 message = await anyio.to_thread.run_sync(build)
             else:
                 message = build()
-            await store.submit(task_id, record, message)
+            await store.submit(task_id, record, message, timeout=self._publish_timeout)
             return
-        # Any other broker: Celery's blocking publish runs in a thread, record first, so that
-        # the worker finds it; a publish that fails or outlives the deadline takes the record
-        # back, and should it still land later, the worker drops it for want of a record.
-        await store.submit(task_id, record)
+        try:
+            with anyio.fail_after(self._publish_timeout):
+                await self._publish_through_celery(store, task_id, record, envelope)
+        except TimeoutError as exc:
+            raise _PublishFailed("timeout") from exc
+
+    async def _publish_through_celery(
+        self, store: TaskStore, task_id: str, record: bytes, envelope: dict[str, Any]
+    ) -> None:
+        """Any other broker: Celery's blocking publish runs in a thread, record first, so
+        that the worker finds it; a publish that fails or outlives the deadline takes the
+        record back, and should it still land later, the worker drops it for want of one."""
+        binding = self._binding
+        await store.submit(task_id, record, None, timeout=self._publish_timeout)
         send_task = functools.partial(
             binding.celery_app.send_task,
             TASK_NAME,

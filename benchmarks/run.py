@@ -52,7 +52,7 @@ def _ms(value: str) -> float:
 
 
 def wrk(url: str, seconds: float, connections: int, script: str | None = None) -> Figure:
-    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", url]
     if script:
         command[1:1] = ["-s", script]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
@@ -361,13 +361,70 @@ def table(results: list[tuple[str, dict[str, Figure]]]) -> str:
     return "\n".join(lines)
 
 
+def _throughput(suite: Suite, args: argparse.Namespace) -> None:
+    print(table(suite.throughput()), "\n", flush=True)
+
+
+def _lag(suite: Suite, args: argparse.Namespace) -> None:
+    for situation, lag in suite.loop_lag().items():
+        print(
+            f"event-loop lag, {situation}: p99 {lag['p99_ms']:.2f} ms, max {lag['max_ms']:.2f} ms",
+            flush=True,
+        )
+
+
+def _drain(suite: Suite, args: argparse.Namespace) -> None:
+    drain = suite.drain(args.drain)
+    print(
+        f"drain of {args.drain} queued word counts: replay {drain['replay']:.0f}/s, "
+        f"plain task {drain['plain task']:.0f}/s, "
+        f"ratio {drain['replay'] / drain['plain task']:.2f}x",
+        flush=True,
+    )
+    print(
+        f"worker RSS (process tree) {drain['worker RSS MiB']:.0f} MiB at the end, "
+        f"{drain['worker RSS growth %']:+.1f} % from 1/5 of the drain",
+        flush=True,
+    )
+
+
+def _trip(suite: Suite, args: argparse.Namespace) -> None:
+    trip = suite.round_trip(100)
+    print(
+        f"submit-to-result median: middleware {trip['middleware'] * 1e3:.1f} ms, "
+        f"bare Celery {trip['bare Celery'] * 1e3:.1f} ms, "
+        f"ratio {trip['middleware'] / trip['bare Celery']:.2f}x",
+        flush=True,
+    )
+
+
+def _rss(suite: Suite, args: argparse.Namespace) -> None:
+    rss = suite.web_rss(args.rss_requests)
+    print(
+        f"web RSS over {rss['requests']:,.0f} requests: "
+        f"{rss['after warm-up MiB']:.1f} MiB after warm-up, "
+        f"{rss['at the end MiB']:.1f} MiB at the end ({rss['growth %']:+.1f} %)",
+        flush=True,
+    )
+
+
+SECTIONS: dict[str, Callable[[Suite, argparse.Namespace], None]] = {
+    "throughput": _throughput,
+    "lag": _lag,
+    "drain": _drain,
+    "trip": _trip,
+    "rss": _rss,
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=3.0, help="per wrk run")
+    parser.add_argument("--seconds", type=int, default=3, help="per wrk run")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--drain", type=int, default=5000)
     parser.add_argument("--rss-requests", type=int, default=100_000)
+    parser.add_argument("--only", choices=("throughput", "lag", "drain", "trip", "rss"))
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is needed: apt-get install wrk")
@@ -389,38 +446,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         suite = Suite(Path(tmp), args.seconds, args.rounds, args.connections)
         try:
-            print(table(suite.throughput()), "\n", flush=True)
-            for situation, lag in suite.loop_lag().items():
-                print(
-                    f"event-loop lag, {situation}: p99 {lag['p99_ms']:.2f} ms, "
-                    f"max {lag['max_ms']:.2f} ms",
-                    flush=True,
-                )
-            drain = suite.drain(args.drain)
-            print(
-                f"\ndrain of {args.drain} queued word counts: replay {drain['replay']:.0f}/s, "
-                f"plain task {drain['plain task']:.0f}/s, "
-                f"ratio {drain['replay'] / drain['plain task']:.2f}x",
-                flush=True,
-            )
-            print(
-                f"worker RSS (process tree) {drain['worker RSS MiB']:.0f} MiB at the end, "
-                f"{drain['worker RSS growth %']:+.1f} % from 1/5 of the drain",
-                flush=True,
-            )
-            trip = suite.round_trip(100)
-            print(
-                f"submit-to-result median: middleware {trip['middleware'] * 1e3:.1f} ms, "
-                f"bare Celery {trip['bare Celery'] * 1e3:.1f} ms, "
-                f"ratio {trip['middleware'] / trip['bare Celery']:.2f}x",
-                flush=True,
-            )
-            rss = suite.web_rss(args.rss_requests)
-            print(
-                f"web RSS over {rss['requests']:,.0f} requests: "
-                f"{rss['after warm-up MiB']:.1f} MiB after warm-up, "
-                f"{rss['at the end MiB']:.1f} MiB at the end ({rss['growth %']:+.1f} %)"
-            )
+            for name, section in SECTIONS.items():
+                if args.only in (None, name):
+                    section(suite, args)
         finally:
             suite.close()
 

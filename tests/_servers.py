@@ -167,7 +167,7 @@ class Worker:
             try:
                 self._proc.wait(20)
             except subprocess.TimeoutExpired:
-                self._proc.kill()
+                os.killpg(self._proc.pid, signal.SIGKILL)
                 self._proc.wait(5)
         self._proc = None
 

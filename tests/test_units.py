@@ -163,7 +163,13 @@ def test_nonpositive_options_refused(option: str) -> None:
     [
         ({}, True),
         ({"broker": "redis://127.0.0.1:6379/14"}, False),  # not the store's Redis
-        ({"broker": "amqp://guest:guest@127.0.0.1:5672//"}, False),
+        (
+            {
+                "broker": "amqp://guest:guest@127.0.0.1:5672//",
+                "broker_transport_options": {"confirm_publish": True},
+            },
+            False,
+        ),
         ({"broker_transport_options": {"global_keyprefix": "p:"}}, False),
         ({"task_default_priority": 5}, False),
         ({"task_default_queue": "jobs"}, True),
