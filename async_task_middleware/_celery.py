@@ -139,13 +139,15 @@ class Binding:
     def attempts_key(self, task_id: str) -> bytes:
         return self.record_prefix + b"attempts-" + task_id.encode()
 
-    def count_attempt(self, client: Any, task_id: str) -> int:
-        """Count one more delivery of the task (synchronous: the worker side)."""
-        pipe = client.pipeline()
+    def begin_attempt(self, client: Any, task_id: str) -> int | None:
+        """Count one more delivery of the task; None when its record is gone (deleted,
+        expired, or never fully submitted). One round trip; synchronous: the worker side."""
+        pipe = client.pipeline(transaction=False)
+        pipe.exists(self.record_key(task_id))
         pipe.incr(self.attempts_key(task_id))
         pipe.expire(self.attempts_key(task_id), self.expires)
-        attempts, _ = pipe.execute()
-        return int(attempts)
+        exists, attempts, _ = pipe.execute()
+        return int(attempts) if exists else None
 
     def broker_message(self, task_id: str, envelope: dict[str, Any]) -> bytes:
         """The message kombu's Redis transport would LPUSH for ``send_task``, built without I/O.

@@ -97,14 +97,14 @@ def register_replay(
 
         def drop() -> None:
             # Deleted, expired, or never fully submitted: nothing runs, nothing is stored.
-            store.delete(binding.meta_key(task_id))
+            store.delete(binding.meta_key(task_id), binding.attempts_key(task_id))
             logger.info("task %s dropped: its submission record is gone", task_id)
             raise Ignore()
 
-        if cancelled():
+        attempts = binding.begin_attempt(store, task_id)
+        if attempts is None:
             drop()
-        attempts = binding.count_attempt(store, task_id)
-        if attempts > max_attempts:
+        elif attempts > max_attempts:
             # Each earlier delivery died with its worker: stop redelivering, report a failure.
             logger.warning("task %s failed: its worker died %d times", task_id, attempts - 1)
             task.backend.mark_as_failure(task_id, AttemptsExhausted(attempts - 1))
@@ -127,8 +127,9 @@ def register_replay(
         except BaseException:
             future.cancel()  # a time limit or a worker shutdown: stop the replay too
             raise
-        if cancelled():  # a DELETE that raced the end of the replay wins
-            drop()
+        # A DELETE racing the end of the replay needs no check here: the status URL answers
+        # only while the record exists, so a result stored after it is never served (and
+        # expires); one round trip less per task.
         return response
 
     task: Task = celery_app.task(

@@ -14,3 +14,14 @@ celery_app.conf.update(task_default_queue="baseline", worker_prefetch_multiplier
 @celery_app.task(name="baseline.count_words")
 def count_words(text: str) -> int:
     return len(text.split())
+
+
+@celery_app.task(
+    name="baseline.count_words_durable",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    track_started=True,
+)
+def count_words_durable(text: str) -> int:
+    """The same count with the replay's delivery settings: a fair measure of its overhead."""
+    return len(text.split())

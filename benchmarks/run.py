@@ -27,6 +27,7 @@ from pathlib import Path
 
 import httpx
 import redis
+from celery import Celery
 
 from tests._servers import RedisServer, Uvicorn, Worker, wait_for
 
@@ -119,6 +120,7 @@ class Suite:
         self.env = {"REDIS_URL": self.redis.url, "BROKER_URL": ""}
         self.r = redis.Redis.from_url(self.redis.url)
         self.servers: dict[str, Uvicorn] = {}
+        self.workers: list[Worker] = []
         self.script = post_script(tmp)
 
     def serve(self, name: str) -> str:
@@ -138,9 +140,19 @@ class Suite:
         return self.servers[name].url
 
     def worker(self, module: str) -> Worker:
-        return Worker(module, self.env, self.tmp / "worker.log").start()
+        worker = Worker(module, self.env, self.tmp / "worker.log").start()
+        self.workers.append(worker)
+        return worker
+
+    def baseline_celery(self) -> Celery:
+        """The baseline's Celery app, on this suite's Redis, for sending from here."""
+        app = Celery("baseline", broker=self.redis.url, backend=self.redis.url)
+        app.conf.task_default_queue = "baseline"
+        return app
 
     def close(self) -> None:
+        for worker in self.workers:
+            worker.stop()
         for server in self.servers.values():
             server.stop()
         self.redis.stop()
@@ -244,15 +256,18 @@ class Suite:
         rates["replay"] = self._rate(count)
         rates["worker RSS growth %"] = 100.0 * (rss_at[1] - rss_at[0]) / rss_at[0]
         rates["worker RSS MiB"] = rss_at[1] / 1024
-        self.r.flushdb()
-        from benchmarks.baseline_worker import celery_app as baseline_celery
-
-        for _ in range(count):
-            baseline_celery.send_task("baseline.count_words", args=[TEXT])
-        worker = self.worker("benchmarks.baseline_worker")
-        self._wait_results(count, worker)
-        worker.stop()
-        rates["plain task"] = self._rate(count)
+        baseline_celery = self.baseline_celery()
+        for label, task in (
+            ("plain task", "baseline.count_words"),
+            ("plain task, same delivery settings", "baseline.count_words_durable"),
+        ):
+            self.r.flushdb()
+            for _ in range(count):
+                baseline_celery.send_task(task, args=[TEXT])
+            worker = self.worker("benchmarks.baseline_worker")
+            self._wait_results(count, worker)
+            worker.stop()
+            rates[label] = self._rate(count)
         self.r.flushdb()
         return rates
 
@@ -288,7 +303,7 @@ class Suite:
         """Median seconds from submit to a stored result: the middleware vs bare Celery."""
         url = self.serve("middleware")
         client = httpx.Client(base_url=url)
-        from benchmarks.baseline_worker import celery_app as baseline_celery
+        baseline_celery = self.baseline_celery()
 
         def measure(start_one: Callable[[], str]) -> float:
             times = []
@@ -375,10 +390,13 @@ def _lag(suite: Suite, args: argparse.Namespace) -> None:
 
 def _drain(suite: Suite, args: argparse.Namespace) -> None:
     drain = suite.drain(args.drain)
+    durable = drain["plain task, same delivery settings"]
     print(
-        f"drain of {args.drain} queued word counts: replay {drain['replay']:.0f}/s, "
-        f"plain task {drain['plain task']:.0f}/s, "
-        f"ratio {drain['replay'] / drain['plain task']:.2f}x",
+        f"drain of {args.drain} queued word counts: replay {drain['replay']:.0f}/s; "
+        f"plain task {drain['plain task']:.0f}/s (ratio "
+        f"{drain['replay'] / drain['plain task']:.2f}x); plain task with the replay's delivery "
+        f"settings (acks_late, track_started) {durable:.0f}/s (ratio "
+        f"{drain['replay'] / durable:.2f}x)",
         flush=True,
     )
     print(
