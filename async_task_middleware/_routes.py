@@ -14,6 +14,7 @@ from starlette.routing import compile_path
 _TASK_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
 STATUS_METHODS = ("GET", "HEAD", "DELETE")
+_NAMED_GROUP = re.compile(r"\(\?P<\w+>")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,15 +36,8 @@ def route_path(scope: Mapping[str, Any]) -> str:
     """The path below ``root_path``, the way Starlette's router sees it (mounts included)."""
     path: str = scope["path"]
     root_path: str = scope.get("root_path", "")
-    if (
-        root_path
-        and path.startswith(root_path)
-        and path[len(root_path) : len(root_path) + 1]
-        in (
-            "/",
-            "",
-        )
-    ):
+    # '/api/words' below root_path '/api' is '/words'; '/apiary' is not below it.
+    if root_path and path.startswith(root_path) and path[len(root_path) :][:1] in ("/", ""):
         return path[len(root_path) :] or "/"
     return path
 
@@ -69,9 +63,15 @@ class RouteTable:
         self._routes = [parse_route(spec) for spec in specs]
         if not self._routes:
             raise ValueError("routes= is empty: name at least one route, e.g. ['POST /words']")
+        # Every request passes here: one regex over all marked paths and the status URLs below
+        # them lets the many requests the middleware does not own through at once.
+        bodies = (_NAMED_GROUP.sub("(?:", regex.pattern)[1:-1] for _, regex in self._routes)
+        self._owned = re.compile(f"^(?:{'|'.join(bodies)})(?:/[^/]*)?$")
 
     def match(self, scope: Mapping[str, Any]) -> Submit | Status | None:
         path = route_path(scope)
+        if self._owned.match(path) is None:
+            return None
         method: str = scope["method"]
         for route_method, regex in self._routes:
             if method == route_method and regex.match(path):

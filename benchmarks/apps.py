@@ -170,4 +170,4 @@ def with_lag_probe(app: Any) -> Any:
 
 
 middleware_lag = with_lag_probe(middleware)
-baseline_lag = with_lag_probe(baseline)
+ceiling_lag = with_lag_probe(ceiling)

@@ -48,7 +48,10 @@ class Figure:
 
 
 def _ms(value: str) -> float:
-    number, unit = re.match(r"([\d.]+)(\w+)", value).groups()  # type: ignore[union-attr]
+    found = re.match(r"([\d.]+)(us|ms|s|m)$", value)
+    if found is None:
+        return float("nan")
+    number, unit = found.groups()
     return float(number) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}[unit]
 
 
@@ -58,8 +61,11 @@ def wrk(url: str, seconds: float, connections: int, script: str | None = None) -
         command[1:1] = ["-s", script]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    # The distribution's own lines: "99%" also ends figures such as "80.99%".
+    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    if p99 != p99:
+        print(f"unreadable wrk output:\n{out}", file=sys.stderr)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: .*", out)
     count = int(errors.group(1)) if errors else 0
@@ -225,18 +231,21 @@ class Suite:
     # -- event-loop lag ------------------------------------------------------------------------
 
     def loop_lag(self) -> dict[str, dict[str, float]]:
-        url = self.serve("middleware_lag")
+        """Loop lag in the web process under submit load (the ceiling beside it: the part the
+        saturated machine itself adds) and with Redis paused."""
         results = {}
-        httpx.get(f"{url}/_lag")
-        wrk(f"{url}/words", self.seconds * 2, self.connections, self.script)
-        results["submit load"] = httpx.get(f"{url}/_lag").json()
+        for name in ("ceiling", "middleware"):
+            url = self.serve(f"{name}_lag")
+            httpx.get(f"{url}/_lag")
+            wrk(f"{url}/words", self.seconds * 2, self.connections, self.script)
+            results[f"{name}, submit load"] = httpx.get(f"{url}/_lag").json()
         self.redis.pause()
         try:
             wrk(f"{url}/words", self.seconds * 2, self.connections, self.script)
         finally:
             self.redis.resume()
-        results["broker paused"] = httpx.get(f"{url}/_lag").json()
-        self.r.delete("celery")
+        results["middleware, broker paused"] = httpx.get(f"{url}/_lag").json()
+        self.r.delete("celery", "ceiling-queue")
         return results
 
     # -- worker side ---------------------------------------------------------------------------
