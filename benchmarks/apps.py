@@ -127,12 +127,28 @@ async def bare(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 bare_wrapped = AsyncTaskMiddleware(bare, celery_app=celery_app, routes=["POST /words"])
 
-fastapi_plain = FastAPI()
+
+def _fastapi_health_app() -> FastAPI:
+    """The word-count example's routes on FastAPI, for the unmarked-route comparison: the
+    same app with and without the middleware, so that only the middleware differs."""
+    app = FastAPI()
+
+    @app.post("/words")
+    async def count(text: Annotated[UploadFile, File()]) -> dict[str, int]:
+        return {"count": len((await text.read()).split())}
+
+    @app.get("/health")
+    async def health() -> dict[str, bool]:
+        return {"ok": True}
+
+    return app
 
 
-@fastapi_plain.get("/health")
-async def health() -> dict[str, bool]:
-    return {"ok": True}
+fastapi_plain = _fastapi_health_app()
+fastapi_wrapped = _fastapi_health_app()
+fastapi_wrapped.add_middleware(
+    AsyncTaskMiddleware, celery_app=celery_app, routes=["POST /words"], name="wordcount-fastapi"
+)
 
 
 # -- event-loop lag ----------------------------------------------------------------------------

@@ -127,6 +127,7 @@ class Suite:
         self.r = redis.Redis.from_url(self.redis.url)
         self.servers: dict[str, Uvicorn] = {}
         self.workers: list[Worker] = []
+        self.unwrapped_rps = 15_000.0  # replaced by the throughput run's figure
         self.script = post_script(tmp)
 
     def serve(self, name: str) -> str:
@@ -169,7 +170,7 @@ class Suite:
         contenders = ("baseline", "ceiling", "middleware")
         urls = {
             name: self.serve(name)
-            for name in (*contenders, "bare", "bare_wrapped", "fastapi_plain")
+            for name in (*contenders, "bare", "bare_wrapped", "fastapi_plain", "fastapi_wrapped")
         }
         pending = {name: submit(urls[name]) for name in contenders}
         done = {}
@@ -199,7 +200,7 @@ class Suite:
                 "unmarked, FastAPI",
                 {
                     "unwrapped": (f"{urls['fastapi_plain']}/health", None),
-                    "wrapped": (f"{urls['middleware']}/health", None),
+                    "wrapped": (f"{urls['fastapi_wrapped']}/health", None),
                 },
             ),
         ]
@@ -363,6 +364,37 @@ class Suite:
         }
 
 
+def pass_through_cost(calls: int = 200_000) -> dict[str, float]:
+    """Microseconds one unmarked request costs in-process, unwrapped and wrapped: the
+    middleware's own share, free of the server's and the machine's noise."""
+    import asyncio
+
+    from benchmarks.apps import bare, bare_wrapped
+
+    scope = {"type": "http", "method": "GET", "path": "/health", "root_path": "", "headers": []}
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: object) -> None:
+        return None
+
+    async def per_call(app: Callable[..., object]) -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            await app(scope, receive, send)  # type: ignore[misc]
+        return (time.perf_counter() - start) / calls * 1e6
+
+    async def measure() -> dict[str, float]:
+        runs: dict[str, list[float]] = {"unwrapped": [], "wrapped": []}
+        for _ in range(5):
+            runs["unwrapped"].append(await per_call(bare))
+            runs["wrapped"].append(await per_call(bare_wrapped))
+        return {name: min(values) for name, values in runs.items()}
+
+    return asyncio.run(measure())
+
+
 def table(results: list[tuple[str, dict[str, Figure]]]) -> str:
     lines = [
         "| path | contender | req/s | p50 ms | p99 ms | errors | vs baseline | vs ceiling |",
@@ -386,7 +418,21 @@ def table(results: list[tuple[str, dict[str, Figure]]]) -> str:
 
 
 def _throughput(suite: Suite, args: argparse.Namespace) -> None:
-    print(table(suite.throughput()), "\n", flush=True)
+    results = suite.throughput()
+    suite.unwrapped_rps = dict(results)["unmarked, bare ASGI"]["unwrapped"].rps
+    print(table(results), "\n", flush=True)
+
+
+def _pass_through(suite: Suite, args: argparse.Namespace) -> None:
+    cost = pass_through_cost()
+    extra = cost["wrapped"] - cost["unwrapped"]
+    print(
+        f"pass-through in-process: {cost['unwrapped']:.2f} us unwrapped, "
+        f"{cost['wrapped']:.2f} us wrapped: the middleware adds {extra:.2f} us a request, "
+        f"{100 * extra * suite.unwrapped_rps / 1e6:.1f} % of the unwrapped bare server's "
+        "time per request at its measured rate\n",
+        flush=True,
+    )
 
 
 def _lag(suite: Suite, args: argparse.Namespace) -> None:
@@ -437,6 +483,7 @@ def _rss(suite: Suite, args: argparse.Namespace) -> None:
 
 SECTIONS: dict[str, Callable[[Suite, argparse.Namespace], None]] = {
     "throughput": _throughput,
+    "pass-through": _pass_through,
     "lag": _lag,
     "drain": _drain,
     "trip": _trip,
@@ -451,7 +498,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--drain", type=int, default=5000)
     parser.add_argument("--rss-requests", type=int, default=100_000)
-    parser.add_argument("--only", choices=("throughput", "lag", "drain", "trip", "rss"))
+    parser.add_argument(
+        "--only", choices=("throughput", "pass-through", "lag", "drain", "trip", "rss")
+    )
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is needed: apt-get install wrk")
