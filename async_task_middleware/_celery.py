@@ -190,7 +190,7 @@ class Binding:
 def _fast_queue(celery_app: Celery, redis_url: str) -> str | None:
     """The queue to push to natively, or None when a setting needs Celery's own publish path.
 
-    The native push shares one MULTI/EXEC with the submission record, so it is only taken when
+    The native push shares one Redis script with the submission record, so it is only taken when
     the broker is that very Redis and nothing Celery would do on publish is lost: no key
     prefix, no priority, a plain queue from the router.
     """
