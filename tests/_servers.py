@@ -88,6 +88,12 @@ class RedisServer:
         client.close()
         return self
 
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
     def pause(self) -> None:
         assert self._proc is not None
         self._proc.send_signal(signal.SIGSTOP)

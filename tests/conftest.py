@@ -43,9 +43,8 @@ def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def redis_server(logdir: Path) -> Iterator[RedisServer]:
-    server = RedisServer(logdir / "redis", port=_PORT).start()
-    yield server
-    server.stop()
+    with RedisServer(logdir / "redis", port=_PORT) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -48,9 +48,8 @@ async def test_poison_request_fails_after_max_attempts(
 
 @pytest.fixture(scope="module")
 def own_redis(logdir: Path) -> Iterator[RedisServer]:
-    server = RedisServer(logdir / "delivery-redis").start()
-    yield server
-    server.stop()
+    with RedisServer(logdir / "delivery-redis") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

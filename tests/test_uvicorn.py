@@ -17,9 +17,8 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture(scope="module")
 def example_redis(logdir: Path) -> Iterator[RedisServer]:
     """A Redis of its own, so that the example's worker is the only one serving it."""
-    server = RedisServer(logdir / "example-redis").start()
-    yield server
-    server.stop()
+    with RedisServer(logdir / "example-redis") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
