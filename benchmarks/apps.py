@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import time
@@ -156,10 +157,20 @@ fastapi_wrapped.add_middleware(
 # -- event-loop lag ----------------------------------------------------------------------------
 
 
-def with_lag_probe(app: Any) -> Any:
+def with_lag_probe(app: Any, freeze: bool = False) -> Any:
     """``app`` plus a task that measures how late a 1 ms sleep wakes, read at ``GET /_lag``
     (p99 and max in ms since the previous read)."""
     samples: list[float] = []
+    gc_pauses: list[float] = []
+    gc_started = [0.0]
+
+    def on_gc(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            gc_started[0] = time.perf_counter()
+        else:
+            gc_pauses.append(time.perf_counter() - gc_started[0])
+
+    gc.callbacks.append(on_gc)
 
     async def monitor() -> None:
         while True:
@@ -170,6 +181,10 @@ def with_lag_probe(app: Any) -> Any:
     async def probed(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
             asyncio.get_running_loop().create_task(monitor())
+            if freeze:
+                # What a deployment can do: leave the objects of imports and startup out of
+                # every later full collection.
+                gc.freeze()
         elif scope["type"] == "http" and scope["path"] == "/_lag":
             ordered = sorted(samples) or [0.0]
             samples.clear()
@@ -177,7 +192,9 @@ def with_lag_probe(app: Any) -> Any:
                 "p99_ms": ordered[int(len(ordered) * 0.99) - 1 if len(ordered) > 1 else 0] * 1e3,
                 "max_ms": ordered[-1] * 1e3,
                 "samples": len(ordered),
+                "gc_max_ms": max(gc_pauses, default=0.0) * 1e3,
             }
+            gc_pauses.clear()
             await _send(
                 send, 200, [(b"content-type", b"application/json")], json.dumps(report).encode()
             )
@@ -189,3 +206,4 @@ def with_lag_probe(app: Any) -> Any:
 
 middleware_lag = with_lag_probe(middleware)
 ceiling_lag = with_lag_probe(ceiling)
+middleware_frozen_lag = with_lag_probe(middleware, freeze=True)

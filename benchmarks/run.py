@@ -233,13 +233,21 @@ class Suite:
 
     def loop_lag(self) -> dict[str, dict[str, float]]:
         """Loop lag in the web process under submit load (the ceiling beside it: the part the
-        saturated machine itself adds) and with Redis paused."""
+        saturated machine itself adds; and the middleware's app with ``gc.freeze()`` after
+        startup) and with Redis paused."""
         results = {}
-        for name in ("ceiling", "middleware"):
+        labels = {
+            "ceiling": "ceiling",
+            "middleware": "middleware",
+            "middleware_frozen": "middleware, gc.freeze() at startup",
+        }
+        for name, label in labels.items():
             url = self.serve(f"{name}_lag")
+            wrk(f"{url}/words", 1, self.connections, self.script)  # warm-up: steady state only
             httpx.get(f"{url}/_lag")
             wrk(f"{url}/words", self.seconds * 2, self.connections, self.script)
-            results[f"{name}, submit load"] = httpx.get(f"{url}/_lag").json()
+            results[f"{label}, submit load"] = httpx.get(f"{url}/_lag").json()
+        url = self.serve("middleware_lag")
         self.redis.pause()
         try:
             wrk(f"{url}/words", self.seconds * 2, self.connections, self.script)
@@ -438,7 +446,8 @@ def _pass_through(suite: Suite, args: argparse.Namespace) -> None:
 def _lag(suite: Suite, args: argparse.Namespace) -> None:
     for situation, lag in suite.loop_lag().items():
         print(
-            f"event-loop lag, {situation}: p99 {lag['p99_ms']:.2f} ms, max {lag['max_ms']:.2f} ms",
+            f"event-loop lag, {situation}: p99 {lag['p99_ms']:.2f} ms, max {lag['max_ms']:.2f} "
+            f"ms; longest garbage collection {lag['gc_max_ms']:.2f} ms",
             flush=True,
         )
 
