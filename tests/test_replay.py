@@ -168,3 +168,14 @@ async def test_root_path_and_mount(worker: object) -> None:
         location = await submit(client, "/prefix/echo", content=b"x")
         assert location.startswith("/prefix/echo/")
         assert (await final(client, location)).status_code == 200
+
+
+async def test_delete_racing_completion_never_reappears(probe: httpx.AsyncClient) -> None:
+    """DELETE around the moment the replay ends: one state wins, a deleted task stays gone."""
+    for delay in (0.2, 0.25, 0.3, 0.35, 0.4, 0.45):
+        location = await submit(probe, "/slow?seconds=0.3")
+        await anyio.sleep(delay)
+        assert (await probe.delete(location)).status_code == 204
+        for _ in range(8):
+            assert (await probe.get(location)).status_code == 404
+            await anyio.sleep(0.1)
