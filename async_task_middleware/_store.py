@@ -1,12 +1,13 @@
 """The task store on the web side: submission records and task state, in Redis, never blocking.
 
-Two keys per task, both expiring after the result lifetime:
+Three keys per task, all expiring after the result lifetime:
 
 - ``async-task-middleware-<id>``, the submission record: it exists from the 303 until DELETE or
   expiry. It alone tells a known task from an unknown one (Celery says ``PENDING`` for any id),
   and the worker runs a task only while its record exists, so a DELETE or an expiry also stops
   a queued task, even one that was cancelled while no worker was up.
 - ``celery-task-meta-<id>``, written by Celery in the worker: state, progress, the response.
+- ``async-task-middleware-attempts-<id>``, the worker's count of deliveries (poison requests).
 
 Every call runs under a deadline; on expiry or a connection error it raises ``StoreUnavailable``,
 which the middleware answers with 503.
@@ -22,7 +23,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, cast
 
-import anyio
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
@@ -118,9 +118,9 @@ class TaskStore:
     async def forget(self, task_id: str) -> None:
         """Best-effort undo of a submission whose publish failed."""
         try:
-            with anyio.fail_after(self._timeout):
+            async with self._deadline():
                 await self._redis.delete(self._binding.record_key(task_id))
-        except (TimeoutError, RedisError, OSError):
+        except StoreUnavailable:
             pass  # the record expires; the worker drops a task whose record is gone
 
     @contextlib.asynccontextmanager

@@ -138,3 +138,27 @@ async def test_failed_publish_leaves_no_record(private_redis: RedisServer, schem
         response = await client.post("/jobs", content=b"x")
     assert response.status_code == 503
     assert redis.Redis.from_url(private_redis.url).keys("async-task-middleware-*") == []
+
+
+async def test_publish_outliving_its_deadline_leaves_no_record(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
+    """A broker that hangs (paused) while the task store answers: 503 at the deadline, and the
+    record written before the publish is taken back."""
+    import redis
+
+    with RedisServer(tmp_path / "broker") as broker:
+        celery_app = Celery("faulty", broker=broker.url, backend=private_redis.url)
+        app = AsyncTaskMiddleware(
+            Starlette(), celery_app=celery_app, routes=["POST /jobs"], publish_timeout=DEADLINE
+        )
+        assert app._binding.fast_queue is None  # another Redis: Celery's own publish, threaded
+        broker.pause()
+        try:
+            async with LifespanManager(app), make_client(app) as client:
+                response, elapsed = await timed(client, "POST", "/jobs")
+        finally:
+            broker.resume()
+    assert response.status_code == 503
+    assert elapsed < DEADLINE + 1.0
+    assert redis.Redis.from_url(private_redis.url).keys("async-task-middleware-*") == []
