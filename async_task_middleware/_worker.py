@@ -85,7 +85,7 @@ def register_replay(
     # The soft limit cancels the replay in-process; the hard one, a little later, kills a
     # process whose endpoint ignores cancellation (a blocking call in a thread).
     hard_limit = hard_time_limit(celery_app, soft_limit)
-    registry = _Apps(apps, lifespan_timeout)
+    registry = _Apps(apps)
 
     def replay(task: Task, envelope: dict[str, Any]) -> dict[str, Any]:
         task_id: str = task.request.id
@@ -114,7 +114,7 @@ def register_replay(
         def progress(data: dict[str, Any]) -> None:
             task.update_state(task_id=task_id, state="STARTED", meta={"progress": data})
 
-        future = _loop().run(_replay(registry, app, envelope, max_response_size), progress)
+        future = _loop().run(_replay(app, envelope, max_response_size, lifespan_timeout), progress)
         try:
             while True:
                 try:
@@ -149,11 +149,11 @@ def register_replay(
 
 
 async def _replay(
-    registry: _Apps, app: ASGIApp, envelope: dict[str, Any], limit: int
+    app: ASGIApp, envelope: dict[str, Any], limit: int, lifespan_timeout: float
 ) -> dict[str, Any]:
     """Call the app as a server would, the way httpx's ASGITransport does: the body, then
     ``http.disconnect`` only after the response is complete."""
-    app, state = await registry.started(app)
+    state = await _loop().start_lifespan(app, lifespan_timeout)
     scope, body = request_scope(envelope)
     scope["state"] = dict(state)
     scope[REPLAY_KEY] = True
@@ -198,11 +198,10 @@ async def _replay(
 
 
 class _Apps:
-    """The apps one worker serves, each started (lifespan) once per process, on first use."""
+    """The apps one worker serves, by name, imported on first use."""
 
-    def __init__(self, apps: Mapping[str, ASGIApp | str], lifespan_timeout: float) -> None:
+    def __init__(self, apps: Mapping[str, ASGIApp | str]) -> None:
         self._specs = dict(apps)
-        self._timeout = lifespan_timeout
         self._resolved: dict[str, ASGIApp] = {}
         self._lock = threading.Lock()
 
@@ -216,10 +215,6 @@ class _Apps:
                 app = _import(spec) if isinstance(spec, str) else spec
                 self._resolved[name] = app
             return app
-
-    async def started(self, app: ASGIApp) -> tuple[ASGIApp, dict[str, Any]]:
-        """The app with its lifespan startup run once in this loop, and the state it left."""
-        return await _loop().start_lifespan(app, self._timeout)
 
 
 def _import(spec: str) -> ASGIApp:
@@ -241,7 +236,7 @@ class _Loop:
         )
         self._thread.start()
         self._lifespans: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
-        self._starting: dict[int, asyncio.Future[tuple[ASGIApp, dict[str, Any]]]] = {}
+        self._starting: dict[int, asyncio.Future[dict[str, Any]]] = {}
 
     def run(self, coro: Any, progress: Any) -> concurrent.futures.Future[dict[str, Any]]:
         async def isolated() -> dict[str, Any]:
@@ -252,7 +247,8 @@ class _Loop:
 
         return asyncio.run_coroutine_threadsafe(isolated(), self._loop)
 
-    async def start_lifespan(self, app: ASGIApp, timeout: float) -> tuple[ASGIApp, dict[str, Any]]:
+    async def start_lifespan(self, app: ASGIApp, timeout: float) -> dict[str, Any]:
+        """The state the app's lifespan startup left, run once per app in this loop."""
         starting = self._starting.get(id(app))
         if starting is None:
             starting = asyncio.get_running_loop().create_future()
@@ -268,7 +264,7 @@ class _Loop:
         self,
         app: ASGIApp,
         timeout: float,
-        started: asyncio.Future[tuple[ASGIApp, dict[str, Any]]],
+        started: asyncio.Future[dict[str, Any]],
         stop: asyncio.Event,
     ) -> None:
         """Drive the ASGI lifespan protocol: startup now, shutdown when the process stops."""
@@ -301,12 +297,12 @@ class _Loop:
             running.cancel()
             return
         if reply is None:
-            started.set_result((app, {}))
+            started.set_result({})
             return
         if reply["type"] != "lifespan.startup.complete":
             started.set_exception(LifespanFailed(reply.get("message", "")))
             return
-        started.set_result((app, state))
+        started.set_result(state)
         await stop.wait()
         try:
             await answer("shutdown")
