@@ -8,22 +8,21 @@ The exceptions, all raised at start or in the worker, never to an HTTP client::
     ConfigurationError  (ValueError)  a setting the protocol cannot work with
     AttemptsExhausted                 (stored as a task's failure) its worker died every time
     WireFormatError     (ValueError)  an envelope of an unknown version or shape
+    SealError           (ValueError)  sealed headers that no configured secret_key opens
     LifespanFailed                    the app's lifespan startup failed in the worker
     NoResponse                        the app returned without a response during a replay
     ResponseTooLarge                  the replayed response exceeded max_response_size
 """
 
 from ._celery import ConfigurationError
+from ._loop import LifespanFailed
 from ._middleware import AsyncTaskMiddleware
+from ._policy import SealError, header_owner
 from ._progress import report_progress
+from ._replay import NoResponse, ResponseTooLarge
+from ._routes import Route
 from ._wire import WireFormatError
-from ._worker import (
-    AttemptsExhausted,
-    LifespanFailed,
-    NoResponse,
-    ResponseTooLarge,
-    register_replay,
-)
+from ._worker import AttemptsExhausted, register_replay
 
 __all__ = [
     "AsyncTaskMiddleware",
@@ -32,7 +31,10 @@ __all__ = [
     "LifespanFailed",
     "NoResponse",
     "ResponseTooLarge",
+    "Route",
+    "SealError",
     "WireFormatError",
+    "header_owner",
     "register_replay",
     "report_progress",
 ]

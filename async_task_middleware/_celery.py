@@ -6,7 +6,6 @@ that names the setting to change.
 
 from __future__ import annotations
 
-import base64
 import datetime
 import json
 import uuid
@@ -14,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
+
+from ._wire import body_base64
 
 TASK_NAME = "async_task_middleware.replay"
 #: The replay's hard time limit is its soft limit plus this: time to cancel cleanly first.
@@ -139,52 +140,58 @@ class Binding:
     def attempts_key(self, task_id: str) -> bytes:
         return self.record_prefix + b"attempts-" + task_id.encode()
 
-    def begin_attempt(self, client: Any, task_id: str) -> int | None:
-        """Count one more delivery of the task; None when its record is gone (deleted,
-        expired, or never fully submitted). One round trip; synchronous: the worker side."""
-        pipe = client.pipeline(transaction=False)
-        pipe.exists(self.record_key(task_id))
-        pipe.incr(self.attempts_key(task_id))
-        pipe.expire(self.attempts_key(task_id), self.expires)
-        exists, attempts, _ = pipe.execute()
-        return int(attempts) if exists else None
+    def result_key(self, task_id: str) -> bytes:
+        return self.record_prefix + b"result-" + task_id.encode()
 
-    def broker_message(self, task_id: str, envelope: dict[str, Any]) -> bytes:
+    def tombstone_key(self, task_id: str) -> bytes:
+        return self.record_prefix + b"refused-" + task_id.encode()
+
+    def owner_set_key(self, owner: str | None) -> bytes:
+        return self.record_prefix + b"owner-" + (owner or "").encode()
+
+    def queued_set_key(self, app: str, route: str) -> bytes:
+        return self.record_prefix + b"queued-" + f"{app} {route}".encode()
+
+    def broker_message(self, task_id: str, envelope: dict[str, Any], body: bytearray) -> bytearray:
         """The message kombu's Redis transport would LPUSH for ``send_task``, built without I/O.
 
         Celery's own ``as_task_v2`` makes the task message; the wrapping mirrors kombu's
         virtual channel (``prepare_message`` + ``_inplace_augment_message``), which a stock
-        worker reads back.
+        worker reads back. The message body is the task's JSON as it is, not base64 again
+        (kombu reads a body without ``body_encoding`` as text), and the request body's base64
+        is written once, straight into the message where a marker held its place.
         """
         assert self.fast_queue is not None
-        amqp = self.celery_app.amqp
-        task = amqp.as_task_v2(
+        marker = uuid.uuid4().hex  # random: no request can contain it by chance or design
+        task = self.celery_app.amqp.as_task_v2(
             task_id,
             TASK_NAME,
-            args=(envelope,),
+            args=({**envelope, "body": marker},),
             kwargs={},
             argsrepr="(<request>)",  # never the body in a worker's log
             kwargsrepr="{}",
         )
-        # The body is plain JSON (a dict of strings and lists): json.dumps writes what kombu's
-        # JSON serializer would.
-        body = json.dumps(task.body).encode()
         properties = dict(task.properties)
         properties.update(
             delivery_mode=2,
             delivery_info={"exchange": "", "routing_key": self.fast_queue},
             priority=0,
-            body_encoding="base64",
             delivery_tag=str(uuid.uuid4()),
         )
         message = {
-            "body": base64.b64encode(body).decode("ascii"),
+            # The envelope is plain JSON (strings and lists): json.dumps writes what kombu's
+            # JSON serializer would.
+            "body": json.dumps(task.body),
             "content-encoding": "utf-8",
             "content-type": "application/json",
             "headers": task.headers,
             "properties": properties,
         }
-        return json.dumps(message).encode()
+        head, tail = json.dumps(message).split(marker)
+        out = bytearray(head.encode())
+        body_base64(body, into=out)
+        out += tail.encode()
+        return out
 
 
 def _fast_queue(celery_app: Celery, redis_url: str) -> str | None:

@@ -10,9 +10,12 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 _TITLES = {
     400: "Bad Request",
+    401: "Unauthorized",
     404: "Not Found",
     405: "Method Not Allowed",
+    408: "Request Timeout",
     413: "Content Too Large",
+    429: "Too Many Requests",
     500: "Task failed",
     503: "Service Unavailable",
 }

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -17,19 +17,43 @@ STATUS_METHODS = ("GET", "HEAD", "DELETE")
 _NAMED_GROUP = re.compile(r"\(\?P<\w+>")
 
 
+#: ``authorize(scope)``: True lets the request on; False answers 401. Sync or async.
+Authorize = Callable[[Mapping[str, Any]], "bool | Awaitable[bool]"]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Settings of one marked route: ``routes={"POST /words": Route(authorize=...)}``.
+
+    - ``authorize``: runs on the web side before anything is enqueued and on every request to
+      the route's status URLs; for apps whose authentication lives in endpoint dependencies,
+      which only run in the worker. ``None``: the middleware's own ``authorize``, if any.
+    """
+
+    authorize: Authorize | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Submit:
     """A request to a marked route; ``location`` is the status URL's prefix."""
 
     location: str
+    spec: str = ""
+    route: Route = field(default=Route(), compare=False)
 
 
 @dataclass(frozen=True, slots=True)
 class Status:
-    """A request to a status URL; ``task_id`` is None when it is not of the task-id form."""
+    """A request to a status URL; ``task_id`` is None when it is not of the task-id form.
+
+    ``instance`` is the requested path as the client sent it (percent-encoded): the same for a
+    malformed id as for an unknown one, so that neither 404 tells them apart.
+    """
 
     task_id: str | None
     location: str
+    instance: str = ""
+    route: Route = field(default=Route(), compare=False)
 
 
 def route_path(scope: Mapping[str, Any]) -> str:
@@ -54,36 +78,65 @@ def parse_route(spec: str) -> tuple[str, re.Pattern[str]]:
     return method.upper(), regex
 
 
-class RouteTable:
-    """The marked routes, matched against the path with ``root_path`` stripped."""
+def _specs(routes: Iterable[str] | Mapping[str, Route]) -> list[tuple[str, Route]]:
+    if isinstance(routes, str):
+        raise TypeError("routes= takes a list of 'METHOD /path' strings, not one string")
+    if isinstance(routes, Mapping):
+        pairs = list(routes.items())
+    else:
+        pairs = [(spec, Route()) for spec in routes]
+    for spec, route in pairs:
+        if not isinstance(spec, str):
+            raise TypeError(f"routes=: {spec!r} is not a 'METHOD /path' string")
+        if not isinstance(route, Route):
+            raise TypeError(f"routes=: the settings of {spec!r} are not a Route(...)")
+    return pairs
 
-    def __init__(self, specs: Iterable[str]) -> None:
-        if isinstance(specs, str):
-            raise TypeError("routes= takes a list of 'METHOD /path' strings, not one string")
-        self._routes = [parse_route(spec) for spec in specs]
+
+class RouteTable:
+    """The marked routes, matched against the path with ``root_path`` stripped.
+
+    Matching is ``fullmatch``: Starlette's patterns end in ``$``, which in Python also matches
+    before a final newline, so ``POST /words%0a`` would otherwise be taken for ``POST /words``
+    and given a status URL that leads nowhere.
+    """
+
+    def __init__(
+        self, routes: Iterable[str] | Mapping[str, Route], default: Route | None = None
+    ) -> None:
+        self._routes = [
+            (*parse_route(spec), " ".join(spec.split()), _with_default(route, default))
+            for spec, route in _specs(routes)
+        ]
         if not self._routes:
             raise ValueError("routes= is empty: name at least one route, e.g. ['POST /words']")
         # Every request passes here: one regex over all marked paths and the status URLs below
         # them lets the many requests the middleware does not own through at once.
-        bodies = (_NAMED_GROUP.sub("(?:", regex.pattern)[1:-1] for _, regex in self._routes)
-        self._owned = re.compile(f"^(?:{'|'.join(bodies)})(?:/[^/]*)?$")
+        bodies = (_NAMED_GROUP.sub("(?:", regex.pattern)[1:-1] for _, regex, _, _ in self._routes)
+        self._owned = re.compile(f"(?:{'|'.join(bodies)})(?:/[^/]*)?")
 
     def match(self, scope: Mapping[str, Any]) -> Submit | Status | None:
         path = route_path(scope)
-        if self._owned.match(path) is None:
+        if self._owned.fullmatch(path) is None:
             return None
         method: str = scope["method"]
-        for route_method, regex in self._routes:
-            if method == route_method and regex.match(path):
-                return Submit(_location(scope, path))
+        for route_method, regex, spec, route in self._routes:
+            if method == route_method and regex.fullmatch(path):
+                return Submit(_location(scope, path), spec, route)
         prefix, _, last = path.rpartition("/")
         if not prefix or not last:
             return None  # '/words/' is the app's (Starlette redirects it), not a status URL
-        for _, regex in self._routes:
-            if regex.match(prefix):
+        for _, regex, _, route in self._routes:
+            if regex.fullmatch(prefix):
                 task_id = last if _TASK_ID.fullmatch(last) else None
-                return Status(task_id, _location(scope, prefix))
+                return Status(task_id, _location(scope, prefix), _location(scope, path), route)
         return None
+
+
+def _with_default(route: Route, default: Route | None) -> Route:
+    if default is None or route.authorize is not None:
+        return route
+    return Route(authorize=default.authorize)
 
 
 def _location(scope: Mapping[str, Any], path: str) -> str:

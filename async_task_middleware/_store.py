@@ -1,22 +1,15 @@
-"""The task store on the web side: submission records and task state, in Redis, never blocking.
+"""The task store on the web side: submissions, reads and deletes in Redis, never blocking.
 
-Three keys per task, all expiring after the result lifetime:
-
-- ``async-task-middleware-<id>``, the submission record: it exists from the 303 until DELETE or
-  expiry. It alone tells a known task from an unknown one (Celery says ``PENDING`` for any id),
-  and the worker runs a task only while its record exists, so a DELETE or an expiry also stops
-  a queued task, even one that was cancelled while no worker was up.
-- ``celery-task-meta-<id>``, written by Celery in the worker: state, progress, the response.
-- ``async-task-middleware-attempts-<id>``, the worker's count of deliveries (poison requests).
-
-Every call runs under a deadline; on expiry or a connection error it raises ``StoreUnavailable``,
-which the middleware answers with 503.
+The keys and the scripts are described in ``_scripts``. Every call runs under a deadline; on
+expiry or a connection error it raises ``StoreUnavailable``, which the middleware answers with
+503, after settling whatever the call may have left behind (``retract``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
 import time
 from collections.abc import AsyncIterator
@@ -26,24 +19,42 @@ from typing import Any, cast
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
+from . import _scripts
 from ._celery import Binding
-
-# A script runs atomically and costs one command where MULTI/SET/LPUSH/EXEC costs four.
-_SUBMIT = """
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-if ARGV[3] ~= '' then redis.call('LPUSH', KEYS[2], ARGV[3]) end
-return 1
-"""
 
 
 class StoreUnavailable(Exception):
     """Redis did not answer in time, or not at all."""
 
 
+class Outcome(enum.IntEnum):
+    """What the submit script decided."""
+
+    ACCEPTED = 1
+    REFUSED = 0  # a tombstone: this id was already answered 503
+    OWNER_FULL = -1
+    QUEUE_FULL = -2
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """One submission's facts for the script: who, which route, and the caps that apply."""
+
+    task_id: str
+    app: str
+    route: str
+    owner: str | None
+    owner_cap: int | None
+    queued_cap: int | None
+
+
 @dataclass(frozen=True, slots=True)
 class TaskState:
-    exists: bool
+    """A status read: the record (None: unknown), Celery's meta, the packed response."""
+
+    record: dict[str, Any] | None
     meta: dict[str, Any] | None
+    response: bytes | None
 
 
 def _decode_meta(binding: Binding, raw: bytes) -> dict[str, Any]:
@@ -68,60 +79,83 @@ class TaskStore:
             socket_connect_timeout=timeout,
         )
         self._redis = Redis(connection_pool=pool)
-        self._submit_script = self._redis.register_script(_SUBMIT)
+        self._submit = self._redis.register_script(_scripts.SUBMIT)
+        self._retract = self._redis.register_script(_scripts.RETRACT)
+        self._delete = self._redis.register_script(_scripts.DELETE)
 
     async def aclose(self) -> None:
         await self._redis.aclose()
         await self._redis.connection_pool.disconnect()
 
-    def record(self, envelope: dict[str, Any]) -> bytes:
-        # Room for what later features need (owner, fingerprint for idempotency keys).
-        return json.dumps(
-            {
-                "v": 1,
-                "created": time.time(),
-                "app": envelope["app"],
-                "method": envelope["method"],
-                "path": envelope["path"],
-            }
-        ).encode()
-
     async def submit(
-        self, task_id: str, record: bytes, message: bytes | None, *, timeout: float
-    ) -> None:
+        self, sub: Submission, message: bytearray | None, *, timeout: float
+    ) -> Outcome:
         """Write the submission record and, for the native Redis broker, push the task message
-        in the same script: both happen or neither does, in one command."""
+        in the same script, within the caps: all of it happens or none of it does."""
         b = self._binding
-        keys = [b.record_key(task_id), (b.fast_queue or "").encode()]
+        record = json.dumps(
+            {"v": 1, "created": time.time(), "app": sub.app, "route": sub.route, "owner": sub.owner}
+        )
+        keys = [
+            b.record_key(sub.task_id),
+            (b.fast_queue or "").encode(),
+            b.tombstone_key(sub.task_id),
+            b.owner_set_key(sub.owner),
+            b.queued_set_key(sub.app, sub.route),
+        ]
+        owner_cap = sub.owner_cap if sub.owner is not None else None
+        args: list[bytes | bytearray | str | int] = [
+            record,
+            b.expires,
+            message if message is not None else b"",
+            sub.task_id,
+            repr(time.time()),
+            "" if owner_cap is None else owner_cap,
+            "" if sub.queued_cap is None else sub.queued_cap,
+        ]
         async with self._deadline(timeout):
-            await self._submit_script(keys=keys, args=[record, b.expires, message or b""])
+            return Outcome(await self._submit(keys=keys, args=args))
+
+    async def retract(self, sub: Submission) -> bool:
+        """Settle a submission whose outcome is unknown: True when a worker already began it
+        (it was accepted after all); else it is taken back for good and False."""
+        b = self._binding
+        keys = [
+            b.record_key(sub.task_id),
+            b.attempts_key(sub.task_id),
+            b.tombstone_key(sub.task_id),
+            b.owner_set_key(sub.owner),
+            b.queued_set_key(sub.app, sub.route),
+        ]
+        async with self._deadline():
+            return bool(await self._retract(keys=keys, args=[sub.task_id, b.expires]))
 
     async def read(self, task_id: str) -> TaskState:
         b = self._binding
-        # One command, one round trip: the record (existence) and Celery's state.
+        # One command, one round trip: the record, the response when done, Celery's state.
         async with self._deadline():
-            record, raw = await self._redis.mget(b.record_key(task_id), b.meta_key(task_id))
+            record, response, meta = await self._redis.mget(
+                b.record_key(task_id), b.result_key(task_id), b.meta_key(task_id)
+            )
         if record is None:
-            return TaskState(False, None)
-        return TaskState(True, _decode_meta(b, cast(bytes, raw)) if raw is not None else None)
+            return TaskState(None, None, None)
+        if response is not None:
+            return TaskState(json.loads(record), None, cast(bytes, response))
+        return TaskState(
+            json.loads(record),
+            _decode_meta(b, cast(bytes, meta)) if meta is not None else None,
+            None,
+        )
 
-    async def delete(self, task_id: str) -> bool:
-        """Forget the task; True when it was known. The worker sees the record gone and drops
-        or stops the task."""
+    async def delete(self, task_id: str, owners: list[str]) -> bool:
+        """Forget the task if ``owners`` may (any of the requester's owner hashes; none for an
+        anonymous requester); True when it was deleted. The worker sees the record gone and
+        drops or stops the task."""
         b = self._binding
-        async with self._deadline(), self._redis.pipeline(transaction=False) as pipe:
-            pipe.delete(b.record_key(task_id))
-            pipe.delete(b.meta_key(task_id), b.attempts_key(task_id))
-            removed, _ = await pipe.execute()
-        return bool(removed)
-
-    async def forget(self, task_id: str) -> None:
-        """Best-effort undo of a submission whose publish failed."""
-        try:
-            async with self._deadline():
-                await self._redis.delete(self._binding.record_key(task_id))
-        except StoreUnavailable:
-            pass  # the record expires; the worker drops a task whose record is gone
+        keys = [b.record_key(task_id), b.meta_key(task_id), b.attempts_key(task_id)]
+        keys.append(b.result_key(task_id))
+        async with self._deadline():
+            return bool(await self._delete(keys=keys, args=[b.record_prefix, task_id, *owners]))
 
     @contextlib.asynccontextmanager
     async def _deadline(self, seconds: float | None = None) -> AsyncIterator[None]:

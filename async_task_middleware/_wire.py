@@ -9,6 +9,7 @@ know instead of guessing.
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,10 +35,6 @@ class WireFormatError(ValueError):
     """An envelope of an unknown version or shape."""
 
 
-def _pairs(headers: list[tuple[bytes, bytes]]) -> list[list[str]]:
-    return [[name.decode("latin-1"), value.decode("latin-1")] for name, value in headers]
-
-
 def _headers(pairs: list[list[str]]) -> list[tuple[bytes, bytes]]:
     return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in pairs]
 
@@ -46,12 +43,24 @@ def _address(value: Any) -> list[Any] | None:
     return [value[0], value[1]] if value else None
 
 
-def capture_request(scope: Mapping[str, Any], body: bytes, app_name: str) -> dict[str, Any]:
-    """The request as the client sent it, for the worker to replay."""
+def capture_request(
+    scope: Mapping[str, Any],
+    *,
+    app: str,
+    route: str,
+    owner: str | None,
+    headers: list[list[str]],
+    sealed: str | None,
+) -> dict[str, Any]:
+    """The request as the client sent it, for the worker to replay, without its body (which
+    ``body_base64`` encodes once, straight into the message). ``headers`` are the latin-1
+    pairs left after the credential ones were ``sealed`` (see ``_policy.split_headers``)."""
     raw_path: bytes | None = scope.get("raw_path")
-    return {
+    envelope = {
         "v": VERSION,
-        "app": app_name,
+        "app": app,
+        "route": route,
+        "owner": owner,
         "http_version": scope.get("http_version", "1.1"),
         "method": scope["method"],
         "scheme": scope.get("scheme", "http"),
@@ -59,20 +68,37 @@ def capture_request(scope: Mapping[str, Any], body: bytes, app_name: str) -> dic
         "raw_path": raw_path.decode("latin-1") if raw_path is not None else None,
         "root_path": scope.get("root_path", ""),
         "query_string": scope.get("query_string", b"").decode("latin-1"),
-        "headers": _pairs(scope.get("headers", [])),
+        "headers": headers,
         "client": _address(scope.get("client")),
         "server": _address(scope.get("server")),
-        "body": base64.b64encode(body).decode("ascii"),
     }
+    if sealed is not None:
+        envelope["sealed"] = sealed
+    return envelope
 
 
-def request_scope(envelope: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
-    """An HTTP scope and body from a captured request.
+# A multiple of 3, so that the pieces' base64 joins into the whole body's base64.
+_B64_STEP = 3 * 64 * 1024
+
+
+def body_base64(body: bytes | bytearray, into: bytearray | None = None) -> bytearray:
+    """The body's base64, appended to ``into`` piece by piece: no second full-size copy."""
+    out = bytearray() if into is None else into
+    view = memoryview(body)
+    for start in range(0, len(view), _B64_STEP):
+        out += base64.b64encode(view[start : start + _B64_STEP])
+    return out
+
+
+def request_scope(
+    envelope: dict[str, Any], headers: list[list[str]]
+) -> tuple[dict[str, Any], bytes]:
+    """An HTTP scope and body from a captured request; ``headers`` with the sealed ones
+    restored.
 
     The original ``extensions`` are not carried over: a ``pathsend`` file response would come
     back as a path instead of a body.
     """
-    _check(envelope)
     raw_path = envelope["raw_path"]
     scope = {
         "type": "http",
@@ -84,7 +110,7 @@ def request_scope(envelope: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
         "raw_path": raw_path.encode("latin-1") if raw_path is not None else None,
         "root_path": envelope["root_path"],
         "query_string": envelope["query_string"].encode("latin-1"),
-        "headers": _headers(envelope["headers"]),
+        "headers": _headers(headers),
         "client": tuple(envelope["client"]) if envelope["client"] else None,
         "server": tuple(envelope["server"]) if envelope["server"] else None,
         "extensions": {},
@@ -92,33 +118,41 @@ def request_scope(envelope: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
     return scope, base64.b64decode(envelope["body"])
 
 
-def encode_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> dict[str, Any]:
-    """The endpoint's response, ready to be served as is: hop-by-hop headers dropped and
-    ``content-length`` recomputed once here, so the web side only copies."""
+# The stored response: MAGIC, the header block's length (4 bytes, big-endian), the header
+# block (JSON: [status, [[name, value], ...]] in latin-1), then the body's bytes as they are.
+# The web side parses a few hundred bytes and copies the body out: no decode, whatever its size.
+_MAGIC = b"ATM1"
+_PREFIX = len(_MAGIC) + 4
+
+
+def pack_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+    """The endpoint's response, ready to be served as is: hop-by-hop headers dropped,
+    ``content-length`` recomputed, and ``cache-control: private, no-store`` added when the
+    endpoint set none (the response may belong to one user)."""
     kept = [
-        (name.lower(), value)
+        [name.lower().decode("latin-1"), value.decode("latin-1")]
         for name, value in headers
         if name.lower() not in HOP_BY_HOP and name.lower() != b"content-length"
     ]
-    kept.append((b"content-length", str(len(body)).encode("latin-1")))
-    return {
-        "v": VERSION,
-        "status": status,
-        "headers": _pairs(kept),
-        "body": base64.b64encode(body).decode("ascii"),
-    }
+    if not any(name == "cache-control" for name, _ in kept):
+        kept.append(["cache-control", "private, no-store"])
+    kept.append(["content-length", str(len(body))])
+    block = json.dumps([status, kept], separators=(",", ":")).encode()
+    return b"".join((_MAGIC, len(block).to_bytes(4, "big"), block, body))
 
 
-def decode_response(envelope: dict[str, Any]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    _check(envelope)
-    return (
-        int(envelope["status"]),
-        _headers(envelope["headers"]),
-        base64.b64decode(envelope["body"]),
-    )
+def unpack_response(raw: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    if raw[: len(_MAGIC)] != _MAGIC or len(raw) < _PREFIX:
+        raise WireFormatError("the stored response is not of a known format")
+    end = _PREFIX + int.from_bytes(raw[len(_MAGIC) : _PREFIX], "big")
+    try:
+        status, pairs = json.loads(raw[_PREFIX:end])
+        return int(status), _headers(pairs), raw[end:]
+    except (ValueError, TypeError) as exc:
+        raise WireFormatError("the stored response's header block is malformed") from exc
 
 
-def _check(envelope: Any) -> None:
+def check(envelope: Any) -> None:
     if not isinstance(envelope, dict) or envelope.get("v") != VERSION:
         version = envelope.get("v") if isinstance(envelope, dict) else None
         raise WireFormatError(f"envelope version {version!r} is not {VERSION}")

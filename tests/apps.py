@@ -21,7 +21,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from async_task_middleware import AsyncTaskMiddleware, report_progress
-from tests.worker import celery_app
+from tests.worker import SECRET_KEY, celery_app
 
 STARTUPS = 0
 
@@ -171,6 +171,7 @@ def build_probe(celery: Celery, **options: Any) -> Starlette:
                 celery_app=celery,
                 name="probe",
                 routes=PROBE_ROUTES,
+                secret_key=SECRET_KEY,
                 **options,
             )
         ],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -24,6 +25,8 @@ os.environ["REDIS_URL"] = f"redis://127.0.0.1:{_PORT}/0"
 # The core suite runs once with Redis as the broker and once with RabbitMQ
 # (ATM_TEST_BROKER_URL=amqp://...); the result backend is always the private Redis.
 os.environ["BROKER_URL"] = os.environ.get("ATM_TEST_BROKER_URL", "")
+# One secret for the web side and the worker: owner hashes and sealed credential headers.
+os.environ["ATM_SECRET_KEY"] = secrets.token_urlsafe(32)
 
 LOCATION = re.compile(
     r"^(?P<path>.*)/(?P<id>[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12})$"

@@ -7,6 +7,7 @@ from celery import Celery
 from async_task_middleware import register_replay
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+SECRET_KEY = os.environ["ATM_SECRET_KEY"]
 
 celery_app = Celery("tests", broker=os.environ.get("BROKER_URL") or REDIS_URL, backend=REDIS_URL)
 celery_app.conf.update(
@@ -31,6 +32,7 @@ register_replay(
         "wordcount-litestar": "examples.wordcount.litestar_app:app",
         "probe": "tests.apps:probe_app",
     },
+    secret_key=SECRET_KEY,
     time_limit=float(os.environ.get("ATM_TEST_TIME_LIMIT", 20)),
     max_attempts=2,
 )

@@ -1,11 +1,17 @@
-"""Word count on FastAPI: plain endpoints; the middleware makes ``POST /words`` long-running."""
+"""Word count on FastAPI: plain endpoints; the middleware makes ``POST /words`` long-running.
+
+Starlette runs the middleware added last first: ``AsyncTaskMiddleware`` is added first, so
+that the app's own middleware (here CORS; authentication and rate limits alike) runs in front
+of it, on submissions and status URLs.
+"""
 
 from typing import Annotated
 
 from fastapi import FastAPI, File, UploadFile
+from fastapi.middleware.cors import CORSMiddleware
 
 from async_task_middleware import AsyncTaskMiddleware
-from examples.wordcount.worker import celery_app
+from examples.wordcount.worker import CORS, PROTECTION, celery_app
 
 app = FastAPI(title="word count")
 
@@ -26,4 +32,9 @@ app.add_middleware(
     celery_app=celery_app,
     routes=["POST /words"],
     name="wordcount-fastapi",
+    **PROTECTION,
+)
+app.add_middleware(
+    CORSMiddleware,
+    **CORS,
 )

@@ -1,7 +1,10 @@
 """Word count on Litestar: plain handlers; the middleware makes ``POST /words`` long-running.
 
 Litestar runs app-level middleware only for requests that match one of its routes, so the
-status URLs (``/words/{id}``) would never reach it: the middleware wraps the whole app instead.
+status URLs (``/words/{id}``) would never reach it: the middleware wraps the whole app instead,
+and a generic ASGI CORS middleware wraps that, so that it answers on status URLs too. Auth that
+Litestar runs itself (guards, its authentication middleware) runs only in the worker: give the
+middleware an ``authorize=`` hook to check credentials before anything is enqueued.
 """
 
 from dataclasses import dataclass
@@ -11,9 +14,10 @@ from litestar import Litestar, get, post
 from litestar.datastructures import UploadFile
 from litestar.enums import RequestEncodingType
 from litestar.params import Body
+from starlette.middleware.cors import CORSMiddleware
 
 from async_task_middleware import AsyncTaskMiddleware
-from examples.wordcount.worker import celery_app
+from examples.wordcount.worker import CORS, PROTECTION, celery_app
 
 
 @dataclass
@@ -34,9 +38,13 @@ async def health() -> dict[str, bool]:
     return {"ok": True}
 
 
-app = AsyncTaskMiddleware(
-    Litestar(route_handlers=[count_words, health]),
-    celery_app=celery_app,
-    routes=["POST /words"],
-    name="wordcount-litestar",
+app = CORSMiddleware(
+    AsyncTaskMiddleware(
+        Litestar(route_handlers=[count_words, health]),
+        celery_app=celery_app,
+        routes=["POST /words"],
+        name="wordcount-litestar",
+        **PROTECTION,
+    ),
+    **CORS,
 )

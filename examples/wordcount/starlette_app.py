@@ -1,14 +1,19 @@
-"""Word count on Starlette: plain endpoints; the middleware makes ``POST /words`` long-running."""
+"""Word count on Starlette: plain endpoints; the middleware makes ``POST /words`` long-running.
+
+``middleware=[...]`` runs outermost first: ``AsyncTaskMiddleware`` comes last, so that the
+app's own middleware (here CORS) runs in front of it, on submissions and status URLs.
+"""
 
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from async_task_middleware import AsyncTaskMiddleware
-from examples.wordcount.worker import celery_app
+from examples.wordcount.worker import CORS, PROTECTION, celery_app
 
 
 async def count_words(request: Request) -> JSONResponse:
@@ -31,10 +36,15 @@ app = Starlette(
     ],
     middleware=[
         Middleware(
+            CORSMiddleware,
+            **CORS,
+        ),
+        Middleware(
             AsyncTaskMiddleware,
             celery_app=celery_app,
             routes=["POST /words"],
             name="wordcount-starlette",
-        )
+            **PROTECTION,
+        ),
     ],
 )

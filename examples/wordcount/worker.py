@@ -1,18 +1,27 @@
-"""The Celery app and the one worker for all three word-count apps.
+"""The Celery app, the one worker for all the word-count apps, and the settings they share.
 
     celery -A examples.wordcount.worker worker
 
 ``REDIS_URL`` (default ``redis://127.0.0.1:6379/0``) is the result backend and, unless
 ``BROKER_URL`` names another one (``amqp://guest:guest@127.0.0.1:5672//``), the broker.
+``ATM_SECRET_KEY`` (required; the same for the web processes and the worker) signs owner
+identities and encrypts credential headers at rest.
 """
 
 import os
+from typing import Any
 
 from celery import Celery
 
-from async_task_middleware import register_replay
+from async_task_middleware import header_owner, register_replay
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+SECRET_KEY = os.environ.get("ATM_SECRET_KEY", "")
+if not SECRET_KEY:
+    raise SystemExit(
+        "set ATM_SECRET_KEY to the same random value for the web process and the worker, e.g.\n"
+        "  export ATM_SECRET_KEY=$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
+    )
 
 celery_app = Celery(
     "wordcount",
@@ -27,6 +36,25 @@ celery_app.conf.update(
     worker_prefetch_multiplier=1,
 )
 
+#: The middleware's protection, the same for every framework: a task belongs to the
+#: Authorization header it was sent with (none: anonymous, readable by whoever has its URL),
+#: credentials are encrypted at rest, and intake is bounded.
+PROTECTION: dict[str, Any] = {
+    "owner": header_owner("authorization"),
+    "secret_key": SECRET_KEY,
+    "max_tasks_per_owner": 100,
+    "max_queued_per_route": 10_000,
+}
+
+#: Cross-origin access for a browser page on another origin: it runs in front of the
+#: middleware, so its headers are on the 303, the 202s and the result alike.
+CORS: dict[str, Any] = {
+    "allow_origins": ["http://localhost:3000"],
+    "allow_methods": ["GET", "POST", "DELETE"],
+    "allow_headers": ["Authorization"],
+    "expose_headers": ["Location", "Retry-After"],
+}
+
 # The apps are imported in the worker on first use, by name, so that they can import
 # celery_app from here without a cycle.
 register_replay(
@@ -36,4 +64,5 @@ register_replay(
         "wordcount-starlette": "examples.wordcount.starlette_app:app",
         "wordcount-litestar": "examples.wordcount.litestar_app:app",
     },
+    secret_key=SECRET_KEY,
 )

@@ -1,0 +1,71 @@
+"""The replay: a captured request run against the app as a server would run it."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ._loop import process_loop
+from ._types import REPLAY_KEY, ASGIApp, Message
+from ._wire import pack_response, request_scope
+
+
+class ResponseTooLarge(Exception):
+    """The endpoint's response is larger than ``max_response_size``."""
+
+
+class NoResponse(Exception):
+    """The app returned without starting a response."""
+
+
+async def replay(
+    app: ASGIApp,
+    envelope: dict[str, Any],
+    headers: list[list[str]],
+    limit: int,
+    lifespan_timeout: float,
+) -> bytes:
+    """Call the app as a server would, the way httpx's ASGITransport does: the body, then
+    ``http.disconnect`` only after the response is complete."""
+    state = await process_loop().start_lifespan(app, lifespan_timeout)
+    scope, body = request_scope(envelope, headers)
+    scope["state"] = dict(state)
+    scope[REPLAY_KEY] = True
+    request_sent = False
+    response_done = asyncio.Event()
+    status: int | None = None
+    response_headers: list[tuple[bytes, bytes]] = []
+    chunks: list[bytes] = []
+    size = 0
+
+    async def receive() -> Message:
+        nonlocal request_sent
+        if not request_sent:
+            request_sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await response_done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        nonlocal status, size
+        if message["type"] == "http.response.start":
+            status = message["status"]
+            response_headers.extend((bytes(k), bytes(v)) for k, v in message.get("headers", []))
+        elif message["type"] == "http.response.body":
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise ResponseTooLarge(f"the response is larger than {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                response_done.set()
+
+    try:
+        # Background tasks run inside this call, after the last body chunk: they are done
+        # before the result is stored.
+        await app(scope, receive, send)
+    finally:
+        response_done.set()
+    if status is None:
+        raise NoResponse("the app returned without sending a response")
+    return pack_response(status, response_headers, b"".join(chunks))

@@ -1,0 +1,106 @@
+"""The Redis scripts that make each step of a task's life atomic, web side and worker alike.
+
+Keys of one task (``<p>`` is ``async-task-middleware-``, after Celery's ``global_keyprefix``):
+
+- ``<p><id>``: the submission record (JSON: created, app, route, owner hash). It alone tells a
+  known task from an unknown one, and a worker runs a task only while it exists.
+- ``<p>attempts-<id>``: deliveries counted by the worker (poison requests; "a worker began").
+- ``<p>result-<id>``: the final response, ready to send (see ``_wire.pack_response``).
+- ``<p>refused-<id>``: a tombstone: a submission answered 503 that must never run.
+- ``<p>owner-<hash>``, ``<p>queued-<app> <route>``: sorted sets of unfinished tasks per owner
+  and queued tasks per route (score: submission time), kept only when a cap is set.
+
+Scripts, not MULTI: each is one command, runs atomically, and can decide (caps, tombstones).
+"""
+
+from __future__ import annotations
+
+# KEYS: record, queue, tombstone, owner set, queued set
+# ARGV: record, lifetime, message ('' = published through Celery), task id, now,
+#       owner cap ('' = none), queued cap ('' = none)
+# -> 1 accepted, 0 refused earlier (tombstone), -1 owner at cap, -2 route queue at cap
+SUBMIT = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+local now = tonumber(ARGV[5])
+local horizon = now - tonumber(ARGV[2])
+if ARGV[6] ~= '' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', horizon)
+  if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[6]) then return -1 end
+end
+if ARGV[7] ~= '' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', horizon)
+  if redis.call('ZCARD', KEYS[5]) >= tonumber(ARGV[7]) then return -2 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+if ARGV[3] ~= '' then redis.call('LPUSH', KEYS[2], ARGV[3]) end
+if ARGV[6] ~= '' then
+  redis.call('ZADD', KEYS[4], now, ARGV[4])
+  redis.call('EXPIRE', KEYS[4], ARGV[2])
+end
+if ARGV[7] ~= '' then
+  redis.call('ZADD', KEYS[5], now, ARGV[4])
+  redis.call('EXPIRE', KEYS[5], ARGV[2])
+end
+return 1
+"""
+
+# A submission whose outcome is unknown (the script or Celery's publish outlived its deadline)
+# is settled before the client is answered: either a worker already began it (it was accepted:
+# answer 303), or it is taken back and a tombstone stops a script still on its way.
+# KEYS: record, attempts, tombstone, owner set, queued set   ARGV: task id, lifetime
+# -> 1 a worker began it, 0 taken back
+RETRACT = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 1 end
+redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[3], '1', 'EX', ARGV[2])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
+return 0
+"""
+
+# DELETE on the status URL: only by the owner (or anyone, for an anonymous task).
+# KEYS: record, meta, attempts, result
+# ARGV: key prefix, task id, the requester's owner hashes (none: anonymous)
+# -> 1 deleted, 0 unknown (or someone else's: the same answer)
+DELETE = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return 0 end
+local record = cjson.decode(raw)
+local owner = record['owner']
+if type(owner) == 'string' then
+  local allowed = false
+  for i = 3, #ARGV do
+    if ARGV[i] == owner then allowed = true end
+  end
+  if not allowed then return 0 end
+  redis.call('ZREM', ARGV[1] .. 'owner-' .. owner, ARGV[2])
+end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+if type(record['app']) == 'string' and type(record['route']) == 'string' then
+  redis.call('ZREM', ARGV[1] .. 'queued-' .. record['app'] .. ' ' .. record['route'], ARGV[2])
+end
+return 1
+"""
+
+# The worker, before a replay: count the delivery, leave the route's queued set.
+# KEYS: record, attempts, queued set   ARGV: lifetime, task id
+# -> the attempt number, or false when the record is gone (deleted, expired, refused)
+BEGIN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local n = redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[2])
+return n
+"""
+
+# The worker, after a replay: store the response ready to send, restart the record's lifetime
+# (results live `lifetime` from completion, not from submission), leave the owner's set.
+# KEYS: record, result, owner set   ARGV: packed response ('' on failure), lifetime, task id
+# -> 1 stored, 0 the record is gone (deleted while running: nothing is kept)
+FINISH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[1] ~= '' then redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2]) end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('ZREM', KEYS[3], ARGV[3])
+return 1
+"""
