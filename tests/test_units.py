@@ -10,8 +10,8 @@ from celery import Celery
 import async_task_middleware
 from async_task_middleware import AsyncTaskMiddleware, ConfigurationError, WireFormatError
 from async_task_middleware._celery import Binding
-from async_task_middleware._routes import RouteTable, Status, Submit
 from async_task_middleware._policy import CREDENTIAL_HEADERS, Keys, join_headers, split_headers
+from async_task_middleware._routes import RouteTable, Status, Submit
 from async_task_middleware._wire import (
     body_base64,
     capture_request,
@@ -70,7 +70,8 @@ def test_malformed_and_unknown_ids_share_one_instance_form() -> None:
     table = RouteTable(["POST /words"])
     unknown = table.match(scope("GET", f"/words/{TASK}"))
     malformed = table.match(scope("GET", "/words/not-an-id\r"))
-    assert isinstance(unknown, Status) and isinstance(malformed, Status)
+    assert isinstance(unknown, Status)
+    assert isinstance(malformed, Status)
     assert unknown.instance == f"/words/{TASK}"
     assert malformed.instance == "/words/not-an-id%0D"
 
@@ -78,7 +79,8 @@ def test_malformed_and_unknown_ids_share_one_instance_form() -> None:
 def test_location_is_never_protocol_relative() -> None:
     table = RouteTable(["POST /{rest:path}"])
     found = table.match(scope("POST", "//evil.example/x"))
-    assert isinstance(found, Submit) and found.location == "/evil.example/x"
+    assert isinstance(found, Submit)
+    assert found.location == "/evil.example/x"
 
 
 @pytest.mark.parametrize(
@@ -114,7 +116,8 @@ def test_request_envelope_round_trip() -> None:
     keys = Keys("k" * 32)
     pairs, sealed = split_headers(original["headers"], CREDENTIAL_HEADERS, keys)
     assert pairs == [["x-a", "1"], ["x-a", "\xe9"]]  # the cookie is sealed, not in clear
-    assert sealed is not None and "k=v" not in sealed
+    assert sealed is not None
+    assert "k=v" not in sealed
     envelope = capture_request(
         original, app="app", route="POST /words", owner=None, headers=pairs, sealed=sealed
     )
@@ -206,7 +209,9 @@ def test_header_owner() -> None:
     assert by_cookie(scope_with((b"cookie", b"other=2"))) is None
     assert by_cookie(scope_with((b"cookie", b"\x00;;=="))) is None
     tags = Keys("k" * 32).owner_tags(b"alice")
-    assert len(tags) == 1 and "alice" not in tags[0] and len(tags[0]) == 64
+    assert len(tags) == 1
+    assert "alice" not in tags[0]
+    assert len(tags[0]) == 64
 
 
 def celery(**conf: Any) -> Celery:
