@@ -17,9 +17,13 @@ from __future__ import annotations
 
 # KEYS: record, queue, tombstone, owner set, queued set
 # ARGV: record, lifetime, message ('' = published through Celery), task id, now,
-#       owner cap ('' = none), queued cap ('' = none)
-# -> 1 accepted, 0 refused earlier (tombstone), -1 owner at cap, -2 route queue at cap
+#       owner cap ('' = none), queued cap ('' = none), deadline on Redis's clock
+# -> 1 accepted, 0 refused (too late, or a tombstone), -1 owner at cap, -2 route queue at cap
+# A script that reaches Redis after its deadline (it waited in a socket while Redis was frozen)
+# does nothing: by then the web side has answered 503, and a 503 must have promised nothing.
 SUBMIT = """
+local clock = redis.call('TIME')
+if tonumber(clock[1]) + tonumber(clock[2]) / 1000000 > tonumber(ARGV[8]) then return 0 end
 if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
 local now = tonumber(ARGV[5])
 local horizon = now - tonumber(ARGV[2])

@@ -67,10 +67,19 @@ def _decode_meta(binding: Binding, raw: bytes) -> dict[str, Any]:
     return meta
 
 
+# How long before the web side gives up waiting the script's own deadline falls: a script that
+# ran just before it still has this long to answer.
+_REPLY_MARGIN = 0.25
+# How often the offset between this host's clock and Redis's is measured again.
+_CLOCK_SYNC_INTERVAL = 60.0
+
+
 class TaskStore:
     def __init__(self, binding: Binding, *, timeout: float, max_connections: int) -> None:
         self._binding = binding
         self._timeout = timeout
+        self._clock_offset = 0.0
+        self._clock_synced = -_CLOCK_SYNC_INTERVAL
         pool = BlockingConnectionPool.from_url(
             binding.redis_url,
             max_connections=max_connections,
@@ -91,8 +100,11 @@ class TaskStore:
         self, sub: Submission, message: bytearray | None, *, timeout: float
     ) -> Outcome:
         """Write the submission record and, for the native Redis broker, push the task message
-        in the same script, within the caps: all of it happens or none of it does."""
+        in the same script, within the caps: all of it happens or none of it does, and none of
+        it once ``timeout`` has passed (see ``SUBMIT``)."""
         b = self._binding
+        await self._sync_clock()
+        deadline = time.time() + self._clock_offset + timeout * (1 - _REPLY_MARGIN)
         record = json.dumps(
             {"v": 1, "created": time.time(), "app": sub.app, "route": sub.route, "owner": sub.owner}
         )
@@ -112,9 +124,22 @@ class TaskStore:
             repr(time.time()),
             "" if owner_cap is None else owner_cap,
             "" if sub.queued_cap is None else sub.queued_cap,
+            repr(deadline),
         ]
         async with self._deadline(timeout):
             return Outcome(await self._submit(keys=keys, args=args))
+
+    async def _sync_clock(self) -> None:
+        """Learn how far Redis's clock is from this host's (to the round trip's precision),
+        so that the submit script's deadline is on Redis's clock."""
+        if time.monotonic() - self._clock_synced < _CLOCK_SYNC_INTERVAL:
+            return
+        before = time.time()
+        async with self._deadline():
+            seconds, microseconds = await self._redis.time()
+        after = time.time()
+        self._clock_offset = seconds + microseconds / 1e6 - (before + after) / 2
+        self._clock_synced = time.monotonic()
 
     async def retract(self, sub: Submission) -> bool:
         """Settle a submission whose outcome is unknown: True when a worker already began it

@@ -147,8 +147,12 @@ PROBE_ROUTES = [
 ]
 
 
-def build_probe(celery: Celery, **options: Any) -> Starlette:
-    """The probe app; the worker replays into ``probe_app``, which has the same endpoints."""
+def build_probe(
+    celery: Celery, *, outer: list[Middleware] | None = None, **options: Any
+) -> Starlette:
+    """The probe app; the worker replays into ``probe_app``, which has the same endpoints.
+    ``outer``: the app's own middleware, in front of ours (as the README places it)."""
+    options.setdefault("routes", PROBE_ROUTES)
     return Starlette(
         routes=[
             Route("/echo", echo, methods=["POST"]),
@@ -166,14 +170,14 @@ def build_probe(celery: Celery, **options: Any) -> Starlette:
             WebSocketRoute("/ws", ws),
         ],
         middleware=[
+            *(outer or []),
             Middleware(
                 AsyncTaskMiddleware,
                 celery_app=celery,
                 name="probe",
-                routes=PROBE_ROUTES,
                 secret_key=SECRET_KEY,
                 **options,
-            )
+            ),
         ],
         lifespan=lifespan,
     )
