@@ -187,3 +187,6 @@ probe_app = build_probe(celery_app)
 
 # The same probe app behind a mount: its status URLs live under /api.
 mounted_app = Starlette(routes=[Mount("/api", app=probe_app)])
+
+# A body must arrive within a second here: the trickle test serves this one with uvicorn.
+strict_app = build_probe(celery_app, body_timeout=1.0)

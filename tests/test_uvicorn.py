@@ -66,3 +66,111 @@ async def test_word_count_over_http(
             assert (await client.get(path)).status_code == 404
     finally:
         server.stop()
+
+
+def _rss_peak_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise LookupError("VmHWM")
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise LookupError("VmRSS")
+
+
+async def test_concurrent_large_bodies_cost_about_twice_their_size(
+    example_worker: Worker, example_redis: RedisServer, logdir: Path
+) -> None:
+    """Bodies are read into one buffer and base64-encoded once, straight into the message:
+    the web process's peak memory for N concurrent large bodies stays near 2x their size."""
+    import anyio
+
+    server = Uvicorn(
+        "examples.wordcount.fastapi_app:app",
+        {"REDIS_URL": example_redis.url},
+        logdir / "uvicorn-memory.log",
+    ).start()
+    assert server._proc is not None
+    pid = server._proc.pid
+    count, size = 20, 4 * 1024 * 1024
+    text = b"word " * (size // 5)
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            # Warm up: imports, pools and the first script load are not what is measured.
+            warm = await client.post("/words", files={"text": ("w.txt", b"a b")})
+            assert warm.status_code == 303
+            before = _rss_kib(pid)
+            codes: list[int] = []
+
+            async def one() -> None:
+                response = await client.post("/words", files={"text": ("t.txt", text)})
+                codes.append(response.status_code)
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(count):
+                    tg.start_soon(one)
+            peak = _rss_peak_kib(pid)
+    finally:
+        server.stop()
+    assert codes == [303] * count
+    growth = (peak - before) * 1024
+    total = count * len(text)
+    print(
+        f"web RSS peak growth for {count} x {len(text) >> 20} MiB bodies: "
+        f"{growth / total:.2f}x their total size"
+    )
+    assert growth < 2.5 * total, f"{growth / total:.2f}x"
+
+
+def test_trickling_bodies_are_answered_408_and_dropped(logdir: Path, worker: Worker) -> None:
+    """200 connections sending a byte at a time: each is answered 408 once the body deadline
+    (1 s here) passes, and closed."""
+    import os
+    import socket
+    import time
+
+    server = Uvicorn(
+        "tests.apps:strict_app", {"REDIS_URL": os.environ["REDIS_URL"]}, logdir / "strict.log"
+    ).start()
+    socks: list[socket.socket] = []
+    try:
+        request = (
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+            b"Content-Length: 1000\r\n\r\n"
+        )
+        for _ in range(200):
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            sock.sendall(request)
+            socks.append(sock)
+        started = time.monotonic()
+        answers: list[bytes] = [b""] * len(socks)
+        closed = [False] * len(socks)
+        while not all(closed) and time.monotonic() - started < 10:
+            for i, sock in enumerate(socks):
+                if closed[i]:
+                    continue
+                try:
+                    sock.sendall(b"x")
+                    sock.settimeout(0.001)
+                    chunk = sock.recv(4096)
+                except (TimeoutError, BlockingIOError):
+                    continue
+                except OSError:
+                    closed[i] = True
+                    continue
+                if chunk == b"":
+                    closed[i] = True
+                answers[i] += chunk
+            time.sleep(0.05)
+        elapsed = time.monotonic() - started
+    finally:
+        for sock in socks:
+            sock.close()
+        server.stop()
+    assert all(closed), f"{closed.count(False)} connections still open after {elapsed:.1f} s"
+    assert all(a.startswith(b"HTTP/1.1 408 ") for a in answers), {a[:20] for a in answers}
+    assert elapsed < 6
