@@ -17,7 +17,7 @@ from typing import Any
 from celery import Celery, Task
 from celery.exceptions import Ignore
 
-from . import _scripts
+from . import _consumer, _scripts
 from ._celery import TASK_NAME, Binding, ConfigurationError, hard_time_limit
 from ._loop import process_loop
 from ._policy import Keys, SecretKey, join_headers
@@ -74,6 +74,8 @@ def register_replay(
     except ValueError as exc:
         raise ConfigurationError(str(exc)) from None
     binding = Binding.of(celery_app)
+    if celery_app.conf.worker_consumer in (None, _consumer.DEFAULT):
+        celery_app.conf.worker_consumer = _consumer.PATH
     soft_limit = float(time_limit or celery_app.conf.task_time_limit or DEFAULT_TIME_LIMIT)
     # The soft limit cancels the replay in-process; the hard one, a little later, kills a
     # process whose endpoint ignores cancellation (a blocking call in a thread).

@@ -406,3 +406,32 @@ async def test_a_503_never_runs_even_when_the_script_lands_late(
         assert runs.get(key) is None, f"{key} was answered 503 but ran"
     for key in locations:
         assert runs.get(key) is not None
+
+
+async def test_an_undecodable_message_fails_its_task_and_the_worker_goes_on(
+    probe: httpx.AsyncClient,
+) -> None:
+    """A damaged message for a known record: a 500 at once, not 202 for a day; the worker
+    stays up and never logs the message."""
+    task_id = str(uuid.uuid4())
+    store = redis.Redis.from_url(os.environ["REDIS_URL"])
+    record = {"v": 1, "created": 0, "app": "probe", "route": "POST /echo", "owner": None}
+    store.set(f"async-task-middleware-{task_id}", json.dumps(record), ex=600)
+    garbage = {
+        "body": "{this is not json",
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {"id": task_id, "task": "async_task_middleware.replay", "lang": "py"},
+        "properties": {
+            "delivery_tag": str(uuid.uuid4()),
+            "delivery_info": {"exchange": "", "routing_key": "celery"},
+            "delivery_mode": 2,
+            "priority": 0,
+        },
+    }
+    store.lpush("celery", json.dumps(garbage))
+    response = await final(probe, f"/echo/{task_id}", timeout=15)
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/problem+json"
+    after = await final(probe, await submit(probe, "/echo", content=b"still here"))
+    assert after.status_code == 200

@@ -1,0 +1,41 @@
+"""Celery's worker consumer, with one change for the replay task's messages.
+
+Celery acknowledges a message it cannot decode, logs it whole and moves on: the task's record
+would then say "queued" until it expires, a day later, and the log would hold the request. For
+a message that names the replay task, this consumer stores the failure instead (the status URL
+answers 500) and logs only the id. ``register_replay`` installs it unless the app has chosen a
+consumer class of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.worker.consumer import Consumer as CeleryConsumer
+
+from ._celery import TASK_NAME
+from ._wire import WireFormatError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT = "celery.worker.consumer:Consumer"
+PATH = "async_task_middleware._consumer:Consumer"
+
+
+class Consumer(CeleryConsumer):  # type: ignore[misc]
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        task_id = headers.get("id")
+        if headers.get("task") != TASK_NAME or not isinstance(task_id, str):
+            super().on_decode_error(message, exc)
+            return
+        logger.error(
+            "task %s failed: its message cannot be decoded (%s)", task_id, type(exc).__name__
+        )
+        try:
+            self.app.backend.mark_as_failure(
+                task_id, WireFormatError("the task's message could not be decoded")
+            )
+        finally:
+            message.ack()
