@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import platform
 import re
 import shutil
@@ -30,6 +31,8 @@ import redis
 from celery import Celery
 
 from tests._servers import RedisServer, Uvicorn, Worker, wait_for
+# The web side and the workers share one secret (owner hashes, sealed credential headers).
+os.environ.setdefault("ATM_SECRET_KEY", secrets.token_urlsafe(32))
 
 BOUNDARY = "benchboundary"
 TEXT = "the quick brown fox jumps over the lazy dog " * 4

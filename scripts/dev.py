@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -102,6 +103,8 @@ def example(args: argparse.Namespace) -> None:
         shutil.rmtree(rundir, ignore_errors=True)
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # The web process and the worker share one secret (owner hashes, sealed credentials).
+    env.setdefault("ATM_SECRET_KEY", secrets.token_urlsafe(32))
     try:
         if not env.get("REDIS_URL"):
             port = free_port()

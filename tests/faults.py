@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import socket
 import sys
 import tempfile
@@ -32,6 +33,8 @@ from celery import Celery
 from tests._servers import RedisServer, Worker
 
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
+# The web side and the workers share one secret (owner hashes, sealed credential headers).
+os.environ.setdefault("ATM_SECRET_KEY", secrets.token_urlsafe(32))
 VISIBILITY = 15  # seconds; the replay's hard time limit (3 + 10 s) stays below it
 CONCURRENCY = 20
 
