@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import platform
 import re
+import secrets
 import shutil
 import signal
 import statistics
@@ -31,6 +31,7 @@ import redis
 from celery import Celery
 
 from tests._servers import RedisServer, Uvicorn, Worker, wait_for
+
 # The web side and the workers share one secret (owner hashes, sealed credential headers).
 os.environ.setdefault("ATM_SECRET_KEY", secrets.token_urlsafe(32))
 
