@@ -9,27 +9,31 @@ The exceptions, all raised at start or in the worker, never to an HTTP client::
     AttemptsExhausted                 (stored as a task's failure) its worker died every time
     WireFormatError     (ValueError)  an envelope of an unknown version or shape
     SealError           (ValueError)  sealed headers that no configured secret_key opens
-    LifespanFailed                    the app's lifespan startup failed in the worker
+    LifespanFailed                    the app's lifespan startup failed (or timed out) in the worker
+    ReplayTimeLimit                   the replay ran past its time limit and was cancelled
+    LoopBlocked                       the replay blocked its event loop past the hard limit
     NoResponse                        the app returned without a response during a replay
     ResponseTooLarge                  the replayed response exceeded max_response_size
 """
 
 from ._celery import ConfigurationError
-from ._loop import LifespanFailed
+from ._loop import LifespanFailed, ReplayTimeLimit
 from ._middleware import AsyncTaskMiddleware
 from ._policy import SealError, header_owner
 from ._progress import report_progress
 from ._replay import NoResponse, ResponseTooLarge
 from ._routes import Route
 from ._wire import WireFormatError
-from ._worker import AttemptsExhausted, register_replay
+from ._worker import AttemptsExhausted, LoopBlocked, register_replay
 
 __all__ = [
     "AsyncTaskMiddleware",
     "AttemptsExhausted",
     "ConfigurationError",
     "LifespanFailed",
+    "LoopBlocked",
     "NoResponse",
+    "ReplayTimeLimit",
     "ResponseTooLarge",
     "Route",
     "SealError",

@@ -20,6 +20,7 @@ TASK_NAME = "async_task_middleware.replay"
 #: The replay's hard time limit is its soft limit plus this: time to cancel cleanly first.
 HARD_LIMIT_GRACE = 10.0
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+_AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://")
 
 
 class ConfigurationError(ValueError):
@@ -62,31 +63,46 @@ def expires_seconds(celery_app: Celery) -> int:
     return max(1, int(value))
 
 
-def hard_time_limit(celery_app: Celery, soft_limit: float) -> float:
-    """The replay's hard limit, checked against the Redis broker's ``visibility_timeout``:
-    Redis hands an unacknowledged message to another consumer after it, so a replay that may
-    run longer would run twice at once."""
+def hard_time_limit(
+    celery_app: Celery, soft_limit: float, *, leases: bool, amqp_consumer_timeout: float
+) -> float:
+    """The replay's hard limit, checked against the broker's own redelivery.
+
+    Redis hands an unacknowledged message to another consumer once its delivery time is older
+    than ``visibility_timeout``: without leases (``_lease``) a replay that may run longer would
+    run twice at once. RabbitMQ closes the channel of a consumer that holds a delivery longer
+    than its ``consumer_timeout`` (30 minutes by default) and redelivers it.
+    """
     hard_limit = soft_limit + HARD_LIMIT_GRACE
     conf = celery_app.conf
-    if not _is_redis(conf.broker_url):
-        return hard_limit
-    visibility = (conf.broker_transport_options or {}).get("visibility_timeout", 3600)
-    if hard_limit >= visibility:
+    if _is_redis(conf.broker_url):
+        if leases:
+            return hard_limit
+        visibility = (conf.broker_transport_options or {}).get("visibility_timeout", 3600)
+        if hard_limit >= visibility:
+            raise ConfigurationError(
+                f"the replay's hard time limit ({hard_limit:g} s: register_replay(time_limit=) "
+                f"or task_time_limit, plus {HARD_LIMIT_GRACE:g} s) is not below the Redis "
+                f"broker's visibility_timeout ({visibility:g} s, broker_transport_options"
+                "['visibility_timeout']) and leases are off: Redis would deliver a running "
+                "task a second time. Turn leases on, lower the time limit or raise "
+                "visibility_timeout."
+            )
+    elif str(conf.broker_url).startswith(_AMQP_SCHEMES) and hard_limit >= amqp_consumer_timeout:
         raise ConfigurationError(
-            f"the replay's hard time limit ({hard_limit:g} s: register_replay(time_limit=) or "
-            f"task_time_limit, plus {HARD_LIMIT_GRACE:g} s) is not below the Redis broker's "
-            f"visibility_timeout ({visibility:g} s, broker_transport_options"
-            "['visibility_timeout']): Redis would deliver a running task a second time. "
-            "Lower the time limit or raise visibility_timeout."
+            f"the replay's hard time limit ({hard_limit:g} s) is not below RabbitMQ's "
+            f"consumer_timeout ({amqp_consumer_timeout:g} s): RabbitMQ would close the "
+            "channel and deliver the running task again. Raise consumer_timeout on the server "
+            "and pass register_replay(amqp_consumer_timeout=) to match, or lower the limit."
         )
     return hard_limit
 
 
 def _check_confirms(conf: Any) -> None:
     url = conf.broker_url or "amqp://"
-    if url.startswith(("amqp://", "amqps://", "pyamqp://")) and not (
-        conf.broker_transport_options or {}
-    ).get("confirm_publish"):
+    if url.startswith(_AMQP_SCHEMES) and not (conf.broker_transport_options or {}).get(
+        "confirm_publish"
+    ):
         raise ConfigurationError(
             "the AMQP broker needs publisher confirms, so that a 303 is only sent for a task "
             "the broker took: set broker_transport_options={'confirm_publish': True}"
@@ -110,15 +126,17 @@ class Binding:
     fast_queue: str | None
 
     @classmethod
-    def of(cls, celery_app: Celery, redis_url: str | None = None) -> Binding:
+    def of(cls, celery_app: Celery) -> Binding:
+        """The task store is the result backend's Redis, on the web side and in the worker
+        alike: a record kept anywhere else would be one the worker never finds."""
         check_serializers(celery_app)
         conf = celery_app.conf
         _check_confirms(conf)
-        url = redis_url or conf.result_backend
+        url = conf.result_backend
         if not _is_redis(url):
             raise ConfigurationError(
-                f"the result backend {conf.result_backend!r} is not Redis: set the Celery "
-                "setting result_backend to a redis:// URL (or pass redis_url=)"
+                f"the result backend {url!r} is not Redis: set the Celery setting "
+                "result_backend to a redis:// URL"
             )
         backend_prefix = celery_app.backend.get_key_for_task("-")[:-1]
         global_prefix = (conf.result_backend_transport_options or {}).get("global_keyprefix", "")
@@ -131,6 +149,10 @@ class Binding:
             fast_queue=_fast_queue(celery_app, url),
         )
 
+    @staticmethod
+    def is_redis_broker(celery_app: Celery) -> bool:
+        return _is_redis(celery_app.conf.broker_url)
+
     def meta_key(self, task_id: str) -> bytes:
         return self.meta_prefix + task_id.encode()
 
@@ -142,6 +164,9 @@ class Binding:
 
     def result_key(self, task_id: str) -> bytes:
         return self.record_prefix + b"result-" + task_id.encode()
+
+    def heartbeat_key(self, task_id: str) -> bytes:
+        return self.record_prefix + b"live-" + task_id.encode()
 
     def tombstone_key(self, task_id: str) -> bytes:
         return self.record_prefix + b"refused-" + task_id.encode()

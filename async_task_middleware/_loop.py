@@ -24,7 +24,11 @@ logger = logging.getLogger(__name__)
 
 
 class LifespanFailed(Exception):
-    """The app answered ``lifespan.startup.failed``."""
+    """The app's lifespan startup failed (``lifespan.startup.failed``, or no answer in time)."""
+
+
+class ReplayTimeLimit(Exception):
+    """The replay ran past its time limit and was cancelled (or could not be)."""
 
 
 class Loop:
@@ -40,18 +44,30 @@ class Loop:
         self._lifespans: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
         self._starting: dict[int, asyncio.Future[dict[str, Any]]] = {}
 
-    def run(self, coro: Any, progress: Any) -> concurrent.futures.Future[Any]:
+    def run(self, coro: Any, progress: Any, limit: float) -> concurrent.futures.Future[Any]:
+        """Run a replay in this loop, cancelled after ``limit`` seconds: the time limit holds
+        on every pool, threads included, where Celery's signal-based limits do not act."""
+
         async def isolated() -> Any:
             # A fresh context per replay: nothing a previous request set leaks into this one.
             context = contextvars.Context()
             context.run(reporting_to, progress)
-            return await asyncio.get_running_loop().create_task(coro, context=context)
+            task = asyncio.get_running_loop().create_task(coro, context=context)
+            try:
+                async with asyncio.timeout(limit):
+                    return await task
+            except TimeoutError:
+                raise ReplayTimeLimit(
+                    f"the replay ran past its time limit of {limit:g} s"
+                ) from None
 
         return asyncio.run_coroutine_threadsafe(isolated(), self._loop)
 
     async def start_lifespan(self, app: ASGIApp, timeout: float) -> dict[str, Any]:
         """The state the app's lifespan startup left, run once per app in this loop."""
         starting = self._starting.get(id(app))
+        if starting is not None and starting.done() and starting.exception() is not None:
+            starting = None  # a failed startup is tried again by the next replay
         if starting is None:
             starting = asyncio.get_running_loop().create_future()
             self._starting[id(app)] = starting
@@ -94,11 +110,19 @@ class Loop:
 
         try:
             reply = await answer("startup")
+        except TimeoutError as exc:
+            started.set_exception(LifespanFailed(str(exc)))
+            running.cancel()
+            return
         except BaseException as exc:
             started.set_exception(exc)
             running.cancel()
             return
         if reply is None:
+            # The app returned or raised instead of answering (Django's ASGI handler raises
+            # for lifespan scopes): it has no lifespan, which is fine, as uvicorn says too.
+            error = None if running.cancelled() else running.exception()
+            logger.info("the app does not support lifespan (%s): running without it", error)
             started.set_result({})
             return
         if reply["type"] != "lifespan.startup.complete":
@@ -137,6 +161,14 @@ def process_loop() -> Loop:
         if _current is None or _current.pid != os.getpid():
             _current = Loop()
         return _current
+
+
+def replace_process_loop() -> None:
+    """Leave this process's loop to the work that blocks it; the next replay gets a new one
+    (and runs the apps' lifespan startup in it again)."""
+    global _current
+    with _current_lock:
+        _current = None
 
 
 def _shutdown_lifespans(**_: Any) -> None:

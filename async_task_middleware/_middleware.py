@@ -55,7 +55,6 @@ class AsyncTaskMiddleware:
     - ``retry_after``: whole seconds a client is told to wait between polls. 1.
     - ``max_connections``: Redis connections per event loop; callers wait for a free one. 64.
     - ``debug``: put the exception type and message of a failed task in its 500. False.
-    - ``redis_url``: the Redis of the task store; defaults to the Celery result backend.
     """
 
     def __init__(
@@ -78,7 +77,6 @@ class AsyncTaskMiddleware:
         retry_after: int = 1,
         max_connections: int = 64,
         debug: bool = False,
-        redis_url: str | None = None,
     ) -> None:
         self.app = app
         self._settings = Settings.check(
@@ -102,7 +100,7 @@ class AsyncTaskMiddleware:
             self._routes = RouteTable(routes, Route(authorize=authorize))
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(str(exc)) from None
-        self._binding = Binding.of(celery_app, redis_url)
+        self._binding = Binding.of(celery_app)
         # Redis connections belong to the event loop that opened them; a process normally has
         # one loop, tests and embedded servers may have several.
         self._stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TaskStore] = (

@@ -5,7 +5,10 @@ Keys of one task (``<p>`` is ``async-task-middleware-``, after Celery's ``global
 - ``<p><id>``: the submission record (JSON: created, app, route, owner hash). It alone tells a
   known task from an unknown one, and a worker runs a task only while it exists.
 - ``<p>attempts-<id>``: deliveries counted by the worker (poison requests; "a worker began").
-- ``<p>result-<id>``: the final response, ready to send (see ``_wire.pack_response``).
+- ``<p>result-<id>``: the outcome: the final response, ready to send (``_wire.pack_response``),
+  or ``FAILED`` (Celery's meta holds the details).
+- ``<p>live-<id>``: a heartbeat, renewed while a worker runs the task; a task that began and
+  has none is waiting for redelivery ("retrying").
 - ``<p>refused-<id>``: a tombstone: a submission answered 503 that must never run.
 - ``<p>owner-<hash>``, ``<p>queued-<app> <route>``: sorted sets of unfinished tasks per owner
   and queued tasks per route (score: submission time), kept only when a cap is set.
@@ -63,7 +66,7 @@ return 0
 """
 
 # DELETE on the status URL: only by the owner (or anyone, for an anonymous task).
-# KEYS: record, meta, attempts, result
+# KEYS: record, meta, attempts, result, heartbeat
 # ARGV: key prefix, task id, the requester's owner hashes (none: anonymous)
 # -> 1 deleted, 0 unknown (or someone else's: the same answer)
 DELETE = """
@@ -79,32 +82,51 @@ if type(owner) == 'string' then
   if not allowed then return 0 end
   redis.call('ZREM', ARGV[1] .. 'owner-' .. owner, ARGV[2])
 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 if type(record['app']) == 'string' and type(record['route']) == 'string' then
   redis.call('ZREM', ARGV[1] .. 'queued-' .. record['app'] .. ' ' .. record['route'], ARGV[2])
 end
 return 1
 """
 
-# The worker, before a replay: count the delivery, leave the route's queued set.
-# KEYS: record, attempts, queued set   ARGV: lifetime, task id
-# -> the attempt number, or false when the record is gone (deleted, expired, refused)
+# The worker, before a replay: count the delivery, leave the route's queued set, start the
+# heartbeat, and give the record its full lifetime again (a task may wait long in the queue).
+# KEYS: record, attempts, queued set, result, heartbeat
+# ARGV: lifetime, task id, heartbeat lifetime (ms)
+# -> the attempt number; 0 when the record is gone (deleted, expired, refused); -1 when the
+#    task already has its outcome (a redelivery after its worker stored it, then died)
 BEGIN = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+if redis.call('EXISTS', KEYS[4]) == 1 then return -1 end
+if redis.call('EXPIRE', KEYS[1], ARGV[1]) == 0 then return 0 end
 local n = redis.call('INCR', KEYS[2])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[2])
+redis.call('SET', KEYS[5], '1', 'PX', ARGV[3])
 return n
 """
 
-# The worker, after a replay: store the response ready to send, restart the record's lifetime
-# (results live `lifetime` from completion, not from submission), leave the owner's set.
-# KEYS: record, result, owner set   ARGV: packed response ('' on failure), lifetime, task id
+# The worker, while the replay runs (every cancel_check_interval): renew the heartbeat and the
+# record's lifetime. KEYS: record, heartbeat  ARGV: lifetime, heartbeat lifetime (ms)
+# -> 0 when the record is gone: the task was deleted, stop it
+BEAT = """
+if redis.call('EXPIRE', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+return 1
+"""
+
+# The worker, after a replay: store the outcome (the packed response, or FAILED), restart the
+# record's lifetime (results live `lifetime` from completion, not from submission), stop the
+# heartbeat, leave the owner's set.
+# KEYS: record, result, owner set, heartbeat   ARGV: outcome, lifetime, task id
 # -> 1 stored, 0 the record is gone (deleted while running: nothing is kept)
 FINISH = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if ARGV[1] ~= '' then redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2]) end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('DEL', KEYS[4])
 redis.call('ZREM', KEYS[3], ARGV[3])
 return 1
 """
+
+#: The outcome stored for a task that failed; Celery's meta has the exception.
+FAILED = b"FAILED"

@@ -12,19 +12,14 @@ from typing import Any
 
 from ._responses import send_json, send_problem, send_response
 from ._routes import STATUS_METHODS, Status
+from ._scripts import FAILED
 from ._settings import Settings, authorized
-from ._store import StoreUnavailable, TaskStore
+from ._store import StoreUnavailable, TaskState, TaskStore
 from ._types import Scope, Send
 from ._wire import WireFormatError, unpack_response
 
 logger = logging.getLogger(__name__)
 
-_STATUS_NAMES = {
-    "PENDING": "queued",
-    "RECEIVED": "queued",
-    "STARTED": "running",
-    "RETRY": "retrying",
-}
 _FAILED = frozenset({"FAILURE", "REVOKED", "REJECTED"})
 _ALLOW = ", ".join(STATUS_METHODS).encode()
 
@@ -70,35 +65,39 @@ async def status(
     if state.record is None or not may_see(state.record, tags):
         await send_problem(send, 404, instance, head=head)
         return
-    if state.response is not None:
+    if state.outcome == FAILED:
+        await _failed(settings, send, instance, state, head)
+    elif state.outcome is not None:
         try:
-            code, headers, body = unpack_response(state.response)
+            code, headers, body = unpack_response(state.outcome)
         except WireFormatError:
             logger.error("task %s: stored response unreadable", target.task_id)
             await send_problem(send, 500, instance, head=head)
             return
         await send_response(send, code, headers, body, head=head)
-        return
-    meta = state.meta or {}
-    celery_state = meta.get("status", "PENDING")
-    if celery_state in _FAILED or celery_state == "SUCCESS":
-        # SUCCESS without a stored response: the worker could not store it (or it expired).
-        detail = _failure_detail(meta) if settings.debug else None
-        await send_problem(send, 500, instance, detail=detail, head=head)
-        return
-    result = meta.get("result")
-    progress = result.get("progress") if isinstance(result, dict) else None
-    await send_json(
-        send,
-        202,
-        {
-            "task_id": target.task_id,
-            "status": _STATUS_NAMES.get(celery_state, "running"),
-            "progress": progress,
-        },
-        [(b"retry-after", settings.retry_after), (b"cache-control", b"no-store")],
-        head=head,
-    )
+    elif state.meta is not None and state.meta.get("status") in _FAILED:
+        await _failed(settings, send, instance, state, head)  # failed before it could begin
+    else:
+        result = state.meta.get("result") if state.meta else None
+        progress = result.get("progress") if isinstance(result, dict) else None
+        await send_json(
+            send,
+            202,
+            {
+                "task_id": target.task_id,
+                "status": "running" if state.live else "retrying" if state.began else "queued",
+                "progress": progress,
+            },
+            [(b"retry-after", settings.retry_after), (b"cache-control", b"no-store")],
+            head=head,
+        )
+
+
+async def _failed(
+    settings: Settings, send: Send, instance: str, state: TaskState, head: bool
+) -> None:
+    detail = _failure_detail(state.meta or {}) if settings.debug else None
+    await send_problem(send, 500, instance, detail=detail, head=head)
 
 
 def _failure_detail(meta: dict[str, Any]) -> str:

@@ -50,11 +50,16 @@ class Submission:
 
 @dataclass(frozen=True, slots=True)
 class TaskState:
-    """A status read: the record (None: unknown), Celery's meta, the packed response."""
+    """A status read: the record (None: unknown), the outcome (a packed response or
+    ``_scripts.FAILED``), Celery's meta (progress, failure details), and whether a worker runs
+    the task now (``live``) or ran it before (``began``: no heartbeat now means it waits to be
+    delivered again)."""
 
     record: dict[str, Any] | None
-    meta: dict[str, Any] | None
-    response: bytes | None
+    outcome: bytes | None = None
+    meta: dict[str, Any] | None = None
+    live: bool = False
+    began: bool = False
 
 
 def _decode_meta(binding: Binding, raw: bytes) -> dict[str, Any]:
@@ -157,19 +162,23 @@ class TaskStore:
 
     async def read(self, task_id: str) -> TaskState:
         b = self._binding
-        # One command, one round trip: the record, the response when done, Celery's state.
+        # One command, one round trip: everything a status answer needs.
         async with self._deadline():
-            record, response, meta = await self._redis.mget(
-                b.record_key(task_id), b.result_key(task_id), b.meta_key(task_id)
+            record, outcome, meta, live, began = await self._redis.mget(
+                b.record_key(task_id),
+                b.result_key(task_id),
+                b.meta_key(task_id),
+                b.heartbeat_key(task_id),
+                b.attempts_key(task_id),
             )
         if record is None:
-            return TaskState(None, None, None)
-        if response is not None:
-            return TaskState(json.loads(record), None, cast(bytes, response))
+            return TaskState(None)
         return TaskState(
             json.loads(record),
+            cast(bytes | None, outcome),
             _decode_meta(b, cast(bytes, meta)) if meta is not None else None,
-            None,
+            live is not None,
+            began is not None,
         )
 
     async def delete(self, task_id: str, owners: list[str]) -> bool:
@@ -177,8 +186,13 @@ class TaskStore:
         anonymous requester); True when it was deleted. The worker sees the record gone and
         drops or stops the task."""
         b = self._binding
-        keys = [b.record_key(task_id), b.meta_key(task_id), b.attempts_key(task_id)]
-        keys.append(b.result_key(task_id))
+        keys = [
+            b.record_key(task_id),
+            b.meta_key(task_id),
+            b.attempts_key(task_id),
+            b.result_key(task_id),
+            b.heartbeat_key(task_id),
+        ]
         async with self._deadline():
             return bool(await self._delete(keys=keys, args=[b.record_prefix, task_id, *owners]))
 

@@ -1,8 +1,9 @@
 """The worker side: the Celery task that replays a captured request against the app.
 
 The task counts deliveries and checks the submission record before it runs (``BEGIN``), opens
-the sealed headers, hands the replay to this process's event loop (``_loop``), stops it when
-the task is deleted, and stores the response ready to send (``FINISH``).
+the sealed headers, hands the replay to this process's event loop (``_loop``) under the time
+limit, beats while it runs (``BEAT``: the heartbeat that tells "running" from "retrying", and
+the check that stops a deleted task), and stores the outcome ready to send (``FINISH``).
 """
 
 from __future__ import annotations
@@ -10,16 +11,27 @@ from __future__ import annotations
 import concurrent.futures
 import importlib
 import logging
+import os
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
+from billiard.process import current_process
 from celery import Celery, Task
 from celery.exceptions import Ignore
+from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from . import _consumer, _scripts
-from ._celery import TASK_NAME, Binding, ConfigurationError, hard_time_limit
-from ._loop import process_loop
+from ._celery import (
+    HARD_LIMIT_GRACE,
+    TASK_NAME,
+    Binding,
+    ConfigurationError,
+    hard_time_limit,
+)
+from ._lease import LeaseKeeper
+from ._loop import ReplayTimeLimit, process_loop, replace_process_loop
 from ._policy import Keys, SecretKey, join_headers
 from ._replay import replay
 from ._types import ASGIApp
@@ -29,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 _MiB = 1024 * 1024
 DEFAULT_TIME_LIMIT = 1800.0
+# RabbitMQ's default consumer_timeout: a delivery held longer is redelivered.
+AMQP_CONSUMER_TIMEOUT = 1800.0
 
 
 class AttemptsExhausted(Exception):
@@ -36,6 +50,10 @@ class AttemptsExhausted(Exception):
 
     def __init__(self, attempts: int) -> None:
         super().__init__(f"the worker died on each of {attempts} attempts")
+
+
+class LoopBlocked(Exception):
+    """The replay held its worker's event loop (or thread) past the hard time limit."""
 
 
 def register_replay(
@@ -48,6 +66,8 @@ def register_replay(
     max_response_size: int = 10 * _MiB,
     lifespan_timeout: float = 30.0,
     cancel_check_interval: float = 0.5,
+    leases: bool = True,
+    amqp_consumer_timeout: float = AMQP_CONSUMER_TIMEOUT,
 ) -> Task:
     """Register the replay task on ``celery_app``; one worker serves every app in ``apps``.
 
@@ -59,9 +79,11 @@ def register_replay(
     The task is late-acknowledged and re-queued when its worker process dies, so a request
     may run more than once: endpoints on marked routes should be idempotent. A request whose
     worker dies ``max_attempts`` times (one that kills it, say) then fails with a 500 instead
-    of looping. ``time_limit`` (default: Celery's ``task_time_limit``, else 30 minutes) stops a
-    replay and fails it; with a Redis broker it must stay below the ``visibility_timeout``, or
-    Redis would hand a running task to a second worker: such a configuration refuses to start.
+    of looping. ``time_limit`` (default: Celery's ``task_time_limit``, else 30 minutes) cancels
+    a replay in its own event loop and fails it, on every pool; a replay that blocks the loop
+    past the limit plus a grace fails too, and its process is replaced (prefork) or its loop
+    is (threads). With a Redis broker, ``leases`` (on by default, ``_lease``) keep a running
+    task's message from being handed to a second worker, whatever ``visibility_timeout`` is.
     """
     if not apps:
         raise ConfigurationError("register_replay(apps=...) is empty: name at least one app")
@@ -77,11 +99,15 @@ def register_replay(
     if celery_app.conf.worker_consumer in (None, _consumer.DEFAULT):
         celery_app.conf.worker_consumer = _consumer.PATH
     soft_limit = float(time_limit or celery_app.conf.task_time_limit or DEFAULT_TIME_LIMIT)
-    # The soft limit cancels the replay in-process; the hard one, a little later, kills a
-    # process whose endpoint ignores cancellation (a blocking call in a thread).
-    hard_limit = hard_time_limit(celery_app, soft_limit)
+    hard_limit = hard_time_limit(
+        celery_app, soft_limit, leases=leases, amqp_consumer_timeout=amqp_consumer_timeout
+    )
+    # A replay still not done this long after its limit has not let the loop cancel it.
+    blocked_after = soft_limit + HARD_LIMIT_GRACE / 2
+    heartbeat_ms = int(max(5.0, 4 * cancel_check_interval) * 1000)
     registry = _Apps(apps)
-    scripts: dict[int, tuple[Any, Any]] = {}
+    scripts: dict[int, tuple[Any, Any, Any]] = {}
+    _watch_worker(celery_app, leases)
 
     def run(task: Task, envelope: Any) -> dict[str, Any]:
         task_id: str = task.request.id
@@ -89,35 +115,45 @@ def register_replay(
         if id(store) not in scripts:
             scripts[id(store)] = (
                 store.register_script(_scripts.BEGIN),
+                store.register_script(_scripts.BEAT),
                 store.register_script(_scripts.FINISH),
             )
-        begin, finish = scripts[id(store)]
-        record_key = binding.record_key(task_id)
+        begin, beat, finish = scripts[id(store)]
+        record_key, heartbeat_key = binding.record_key(task_id), binding.heartbeat_key(task_id)
         check(envelope)  # a foreign or damaged message fails here, stored as its failure
         owner_set = binding.owner_set_key(envelope.get("owner"))
 
         def drop() -> None:
             # Deleted, expired, or never fully submitted: nothing runs, nothing is stored.
-            store.delete(binding.meta_key(task_id), binding.attempts_key(task_id))
+            store.delete(binding.meta_key(task_id), binding.attempts_key(task_id), heartbeat_key)
             logger.info("task %s dropped: its submission record is gone", task_id)
             raise Ignore()
 
-        def finished(packed: bytes) -> bool:
-            keys = [record_key, binding.result_key(task_id), owner_set]
-            return bool(finish(keys=keys, args=[packed, binding.expires, task_id]))
+        def finished(outcome: bytes) -> bool:
+            keys = [record_key, binding.result_key(task_id), owner_set, heartbeat_key]
+            return bool(finish(keys=keys, args=[outcome, binding.expires, task_id]))
 
         queued_set = binding.queued_set_key(str(envelope.get("app")), str(envelope.get("route")))
         attempts = begin(
-            keys=[record_key, binding.attempts_key(task_id), queued_set],
-            args=[binding.expires, task_id],
+            keys=[
+                record_key,
+                binding.attempts_key(task_id),
+                queued_set,
+                binding.result_key(task_id),
+                heartbeat_key,
+            ],
+            args=[binding.expires, task_id, heartbeat_ms],
         )
-        if attempts is None:
+        if attempts == -1:
+            logger.info("task %s already has its outcome: not run again", task_id)
+            raise Ignore()
+        if attempts == 0:
             drop()
-        elif attempts > max_attempts:
+        if attempts > max_attempts:
             # Each earlier delivery died with its worker: stop redelivering, report a failure.
             logger.warning("task %s failed: its worker died %d times", task_id, attempts - 1)
-            finished(b"")
             task.backend.mark_as_failure(task_id, AttemptsExhausted(attempts - 1))
+            finished(_scripts.FAILED)
             raise Ignore()
         try:
             app = registry.get(str(envelope.get("app", "")))
@@ -127,25 +163,34 @@ def register_replay(
                 task.update_state(task_id=task_id, state="STARTED", meta={"progress": data})
 
             coro = replay(app, envelope, headers, max_response_size, lifespan_timeout)
-            future = process_loop().run(coro, progress)
+            started = time.monotonic()
+            future = process_loop().run(coro, progress, soft_limit)
             try:
                 while True:
                     try:
                         packed = future.result(timeout=cancel_check_interval)
                         break
                     except concurrent.futures.TimeoutError:
-                        if not store.exists(record_key):
+                        if not beat(
+                            keys=[record_key, heartbeat_key], args=[binding.expires, heartbeat_ms]
+                        ):
                             future.cancel()
                             drop()
+                        if time.monotonic() - started > blocked_after:
+                            raise LoopBlocked(
+                                f"the replay did not stop within {blocked_after:g} s"
+                            ) from None
             except BaseException:
-                future.cancel()  # a time limit or a worker shutdown: stop the replay too
+                future.cancel()  # a worker shutdown, a limit: stop the replay too
                 raise
         except Ignore:
             raise
-        except BaseException:
-            finished(b"")  # leave the owner's unfinished tasks; Celery stores the failure
+        except LoopBlocked as exc:
+            _replace_blocked(task, task_id, exc, finished)
             raise
-        # The response goes to a key of its own, ready to send; Celery's result only says so.
+        except BaseException:
+            finished(_scripts.FAILED)  # leave the owner's unfinished tasks; Celery has the error
+            raise
         # A record deleted while the replay ran keeps nothing.
         if not finished(packed):
             drop()
@@ -156,14 +201,60 @@ def register_replay(
         bind=True,
         acks_late=True,
         reject_on_worker_lost=True,
-        track_started=True,
-        soft_time_limit=soft_limit,
-        time_limit=hard_limit,
+        # The heartbeat says "running"; Celery's STARTED write would cost a round trip more.
+        track_started=False,
+        # The limit is enforced in the replay's loop, on every pool; Celery's hard limit stays
+        # as the last resort of the prefork pool, after the replay's own.
+        time_limit=hard_limit + HARD_LIMIT_GRACE,
         serializer="json",
         shared=False,  # registered on this Celery app only, not on every app in the process
         resultrepr_maxsize=64,
     )(run)
     return task
+
+
+def _replace_blocked(task: Task, task_id: str, exc: LoopBlocked, finished: Any) -> None:
+    """A replay that blocks the loop (``time.sleep`` in an ``async def``) or a thread past its
+    limit would stall every replay after it in this process: fail it, then replace the process
+    (prefork: the pool starts a new one) or, where other replays share the process, its loop."""
+    logger.error("task %s failed: %s; the blocked work is abandoned", task_id, exc)
+    task.backend.mark_as_failure(task_id, ReplayTimeLimit(str(exc)))
+    finished(_scripts.FAILED)
+    if current_process().name.startswith("ForkPoolWorker"):
+        logger.error("replacing worker process %d, blocked by task %s", os.getpid(), task_id)
+        os._exit(1)  # the redelivery finds the outcome stored and does not run again
+    replace_process_loop()
+
+
+def _watch_worker(celery_app: Celery, leases: bool) -> None:
+    """Where the worker starts: check its final settings, and keep its leases."""
+    keeper: list[LeaseKeeper] = []
+
+    def check_settings(sender: Any, **_: Any) -> None:
+        # Settings may have changed since registration; Celery logs and ignores a signal
+        # handler's exception, so a refusal has to stop the worker itself.
+        if getattr(sender, "app", None) is celery_app:
+            try:
+                Binding.of(celery_app)
+            except ConfigurationError as exc:
+                logger.critical("refusing to start: %s", exc)
+                raise SystemExit(f"async-task-middleware: {exc}") from None
+
+    def start_leases(sender: Any, **_: Any) -> None:
+        if getattr(sender, "app", None) is not celery_app or not leases:
+            return
+        if Binding.is_redis_broker(celery_app):
+            keeper.append(LeaseKeeper(celery_app))
+            keeper[0].start()
+            logger.info("leases renewed every %g s", keeper[0].interval)
+
+    def stop_leases(**_: Any) -> None:
+        for one in keeper:
+            one.stop()
+
+    worker_init.connect(check_settings, weak=False)
+    worker_ready.connect(start_leases, weak=False)
+    worker_shutdown.connect(stop_leases, weak=False)
 
 
 class _Apps:

@@ -119,11 +119,19 @@ class RedisServer:
 class Worker:
     """``celery -A <module> worker`` as a separate process, ready once it says so."""
 
-    def __init__(self, module: str, env: dict[str, str], logfile: Path, concurrency: int = 2):
+    def __init__(
+        self,
+        module: str,
+        env: dict[str, str],
+        logfile: Path,
+        concurrency: int = 2,
+        pool: str = "prefork",
+    ):
         self._module = module
         self._env = env
         self._logfile = logfile
         self._concurrency = concurrency
+        self._pool = pool
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Worker:
@@ -138,7 +146,7 @@ class Worker:
                     "-A",
                     self._module,
                     "worker",
-                    "--pool=prefork",
+                    f"--pool={self._pool}",
                     f"--concurrency={self._concurrency}",
                     "--loglevel=INFO",
                     "--without-mingle",

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -118,6 +119,13 @@ async def die(request: Request) -> JSONResponse:
     return JSONResponse({"unreachable": True})
 
 
+async def block(request: Request) -> JSONResponse:
+    """Blocks the event loop (a synchronous sleep in an async endpoint): the mistake that time
+    limits must survive."""
+    time.sleep(float(request.query_params.get("seconds", "1")))
+    return JSONResponse({"blocked": True})
+
+
 async def not_found(request: Request) -> JSONResponse:
     return JSONResponse({"detail": "no such thing"}, status_code=404)
 
@@ -144,6 +152,7 @@ PROBE_ROUTES = [
     "POST /progress",
     "POST /die",
     "POST /notfound",
+    "POST /block",
 ]
 
 
@@ -166,6 +175,7 @@ def build_probe(
             Route("/progress", progress, methods=["POST"]),
             Route("/die", die, methods=["POST"]),
             Route("/notfound", not_found, methods=["POST"]),
+            Route("/block", block, methods=["POST"]),
             Route("/health", health),
             WebSocketRoute("/ws", ws),
         ],
@@ -190,3 +200,25 @@ mounted_app = Starlette(routes=[Mount("/api", app=probe_app)])
 
 # A body must arrive within a second here: the trickle test serves this one with uvicorn.
 strict_app = build_probe(celery_app, body_timeout=1.0)
+
+
+@asynccontextmanager
+async def slow_lifespan(app: Starlette) -> AsyncIterator[None]:
+    await asyncio.sleep(float(os.environ.get("ATM_TEST_SLOW_STARTUP", "5")))
+    yield
+
+
+# An app whose lifespan startup outlasts the worker's lifespan_timeout.
+slow_lifespan_app = Starlette(
+    routes=[Route("/echo", echo, methods=["POST"])],
+    middleware=[
+        Middleware(
+            AsyncTaskMiddleware,
+            celery_app=celery_app,
+            name="slow-lifespan",
+            routes=["POST /echo"],
+            secret_key=SECRET_KEY,
+        )
+    ],
+    lifespan=slow_lifespan,
+)

@@ -132,13 +132,25 @@ async def test_worker_reconnects_after_redis_restart(
 # -- refusing to start ----------------------------------------------------------------------
 
 
-def test_time_limit_above_visibility_timeout_refused() -> None:
-    celery = Celery("t", broker="redis://127.0.0.1:1/0", backend="redis://127.0.0.1:1/0")
-    celery.conf.broker_transport_options = {"visibility_timeout": 60}
+def test_time_limit_above_visibility_timeout_refused_without_leases() -> None:
+    def celery() -> Celery:
+        app = Celery("t", broker="redis://127.0.0.1:1/0", backend="redis://127.0.0.1:1/0")
+        app.conf.broker_transport_options = {"visibility_timeout": 60}
+        return app
+
     with pytest.raises(ConfigurationError, match="visibility_timeout") as refused:
-        register_replay(celery, {"default": "x:y"}, time_limit=50)
+        register_replay(celery(), {"default": "x:y"}, time_limit=50, leases=False)
     assert "time_limit" in str(refused.value)
-    register_replay(celery, {"default": "x:y"}, time_limit=49)
+    register_replay(celery(), {"default": "x:y"}, time_limit=49, leases=False)
+    # Leases renew a running task's claim: any length is safe.
+    register_replay(celery(), {"default": "x:y"}, time_limit=3600)
+
+
+def test_time_limit_above_rabbitmq_consumer_timeout_refused() -> None:
+    celery = Celery("t", broker="amqp://guest:guest@127.0.0.1:1//", backend="redis://x/0")
+    celery.conf.broker_transport_options = {"confirm_publish": True}
+    with pytest.raises(ConfigurationError, match="consumer_timeout"):
+        register_replay(celery, {"default": "x:y"}, time_limit=1800)
 
 
 def test_amqp_without_publisher_confirms_refused() -> None:
@@ -154,6 +166,7 @@ def test_worker_process_refuses_to_start(tmp_path: Path) -> None:
         "REDIS_URL": "redis://127.0.0.1:1/0",
         "BROKER_URL": "",
         "ATM_TEST_TIME_LIMIT": "3600",
+        "ATM_TEST_LEASES": "0",
     }
     result = subprocess.run(
         [sys.executable, "-m", "celery", "-A", "tests.worker", "worker"],
@@ -165,3 +178,19 @@ def test_worker_process_refuses_to_start(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "visibility_timeout" in result.stderr + result.stdout
+
+
+def test_settings_are_checked_where_the_worker_starts() -> None:
+    """A setting changed after ``register_replay`` (here, requests copied into results) still
+    stops the worker, at its start."""
+    env = {**os.environ, "REDIS_URL": "redis://127.0.0.1:1/0", "ATM_TEST_LATE_EXTENDED": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tests.worker", "worker"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "result_extended" in result.stderr + result.stdout

@@ -31,8 +31,15 @@ register_replay(
         "wordcount-starlette": "examples.wordcount.starlette_app:app",
         "wordcount-litestar": "examples.wordcount.litestar_app:app",
         "probe": "tests.apps:probe_app",
+        "slow-lifespan": "tests.apps:slow_lifespan_app",
     },
     secret_key=SECRET_KEY,
     time_limit=float(os.environ.get("ATM_TEST_TIME_LIMIT", 20)),
+    lifespan_timeout=float(os.environ.get("ATM_TEST_LIFESPAN_TIMEOUT", 30)),
+    leases=os.environ.get("ATM_TEST_LEASES", "1") == "1",
     max_attempts=2,
 )
+
+if os.environ.get("ATM_TEST_LATE_EXTENDED"):
+    # A setting changed after registration: the worker must still refuse it where it starts.
+    celery_app.conf.result_extended = True

@@ -1,0 +1,84 @@
+"""Leases: a live worker keeps renewing its claim on every message it holds.
+
+kombu's Redis transport keeps each delivered, unacknowledged message in the ``unacked`` hash and
+its delivery time in the ``unacked_index`` sorted set; any worker gives back to the queue the
+messages whose time is older than ``visibility_timeout`` (``restore_visible``). That is how the
+tasks of a worker that died whole come back, and why, with the default of an hour, they come
+back an hour later; while a shorter timeout hands a long task that is still running to a
+second worker (celery/celery#5935).
+
+The lease keeper runs in the worker's main process, which holds every message its pool
+processes or threads run or have reserved, and sets their time in ``unacked_index`` to now every
+quarter of the visibility timeout. A message held by a live worker is then never older than the
+timeout, whatever the task's length; the messages of a dead worker stop being renewed and are
+given back within the timeout (plus kombu's restore interval). So the visibility timeout can be
+short (the example uses 60 s), and ``register_replay`` no longer needs the time limit below it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.worker import state as worker_state
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_VISIBILITY = 3600.0
+
+
+def visibility_timeout(celery_app: Celery) -> float:
+    options = celery_app.conf.broker_transport_options or {}
+    return float(options.get("visibility_timeout", DEFAULT_VISIBILITY))
+
+
+def held_delivery_tags() -> list[str]:
+    """The delivery tags of every message this worker holds: reserved or running."""
+    tags: list[str] = []
+    for request in (*worker_state.reserved_requests, *worker_state.active_requests):
+        tag = getattr(request.message, "delivery_tag", None)
+        if isinstance(tag, str | bytes):
+            tags.append(tag.decode() if isinstance(tag, bytes) else tag)
+    return tags
+
+
+class LeaseKeeper(threading.Thread):
+    """Renews the held messages' entries in ``unacked_index`` from a daemon thread."""
+
+    def __init__(self, celery_app: Celery) -> None:
+        super().__init__(name="async-task-middleware-leases", daemon=True)
+        conf = celery_app.conf
+        options = conf.broker_transport_options or {}
+        self.interval = visibility_timeout(celery_app) / 4
+        prefix = options.get("global_keyprefix", "")
+        self.index_key = prefix + options.get("unacked_index_key", "unacked_index")
+        timeout = min(self.interval, 5.0)
+        self._client: Any = redis.Redis.from_url(
+            conf.broker_url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        self._stopped = threading.Event()
+
+    def renew(self) -> int:
+        """Set every held message's delivery time to now; the number renewed."""
+        tags = held_delivery_tags()
+        if not tags:
+            return 0
+        now = time.time()
+        # XX: only entries that exist; a message acknowledged meanwhile is not brought back.
+        renewed: int = self._client.zadd(self.index_key, dict.fromkeys(tags, now), xx=True, ch=True)
+        return renewed
+
+    def run(self) -> None:
+        while not self._stopped.wait(self.interval):
+            try:
+                self.renew()
+            except redis.RedisError as exc:
+                # The next round tries again; kombu reconnects the worker itself.
+                logger.warning("leases not renewed: %s", type(exc).__name__)
+
+    def stop(self) -> None:
+        self._stopped.set()
