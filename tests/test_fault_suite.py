@@ -14,7 +14,7 @@ from tests.faults import cases, run
 pytestmark = pytest.mark.anyio
 
 
-@pytest.mark.parametrize(("scenario", "broker"), cases())
+@pytest.mark.parametrize(("scenario", "broker"), cases(long=False))
 async def test_nothing_lost(scenario: str, broker: str, tmp_path: Path) -> None:
     tally = await run(scenario, broker, 100, tmp_path)
     print(tally.row())

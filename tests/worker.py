@@ -18,7 +18,7 @@ celery_app.conf.update(
         "confirm_publish": True,
         "visibility_timeout": int(os.environ.get("ATM_TEST_VISIBILITY", 60)),
         # Sweep for messages of dead workers every 2 s, not every 100 s.
-        "unacked_restore_interval": 2,
+        "unacked_restore_interval": int(os.environ.get("ATM_TEST_RESTORE_INTERVAL", 2)),
         "unacked_restore_throttle": 1,
     },
     result_expires=int(os.environ.get("ATM_TEST_RESULT_EXPIRES", 24 * 3600)),
