@@ -31,8 +31,18 @@ celery_app = Celery(
 celery_app.conf.update(
     accept_content=["json"],
     broker_connection_retry_on_startup=True,
-    # With RabbitMQ, a 303 only for a task the broker confirmed; Redis ignores the option.
-    broker_transport_options={"confirm_publish": True},
+    broker_transport_options={
+        # With RabbitMQ, a 303 only for a task the broker confirmed; Redis ignores it.
+        "confirm_publish": True,
+        # Redis: the worker's leases renew the tasks it holds, so a short visibility timeout
+        # is safe for tasks of any length, and a dead worker's tasks run again within ~70 s.
+        "visibility_timeout": 60,
+        "unacked_restore_interval": 10,
+        "unacked_restore_throttle": 1,
+        # No hang on a dead connection.
+        "socket_timeout": 5,
+        "socket_connect_timeout": 5,
+    },
     worker_prefetch_multiplier=1,
 )
 
