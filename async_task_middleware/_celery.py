@@ -7,6 +7,7 @@ that names the setting to change.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import uuid
 from dataclasses import dataclass
@@ -165,6 +166,9 @@ class Binding:
     def result_key(self, task_id: str) -> bytes:
         return self.record_prefix + b"result-" + task_id.encode()
 
+    def events_channel(self, task_id: str) -> bytes:
+        return self.record_prefix + b"events-" + task_id.encode()
+
     def heartbeat_key(self, task_id: str) -> bytes:
         return self.record_prefix + b"live-" + task_id.encode()
 
@@ -174,10 +178,23 @@ class Binding:
     def owner_set_key(self, owner: str | None) -> bytes:
         return self.record_prefix + b"owner-" + (owner or "").encode()
 
+    def idempotency_key(self, app: str, owner: str | None, key: bytes) -> bytes:
+        # Scoped to the app and the owner: one client's key never names another's task.
+        digest = hashlib.sha256(key).hexdigest()
+        return self.record_prefix + f"idempotency-{app} {owner or '-'} {digest}".encode()
+
     def queued_set_key(self, app: str, route: str) -> bytes:
         return self.record_prefix + b"queued-" + f"{app} {route}".encode()
 
-    def broker_message(self, task_id: str, envelope: dict[str, Any], body: bytearray) -> bytearray:
+    def broker_message(
+        self,
+        task_id: str,
+        envelope: dict[str, Any],
+        body: bytearray,
+        *,
+        queue: str | None = None,
+        time_limit: float | None = None,
+    ) -> bytearray:
         """The message kombu's Redis transport would LPUSH for ``send_task``, built without I/O.
 
         Celery's own ``as_task_v2`` makes the task message; the wrapping mirrors kombu's
@@ -195,11 +212,13 @@ class Binding:
             kwargs={},
             argsrepr="(<request>)",  # never the body in a worker's log
             kwargsrepr="{}",
+            # A route's own limit; Celery's hard limit, the prefork pool's last resort, after.
+            time_limit=None if time_limit is None else time_limit + 2 * HARD_LIMIT_GRACE,
         )
         properties = dict(task.properties)
         properties.update(
             delivery_mode=2,
-            delivery_info={"exchange": "", "routing_key": self.fast_queue},
+            delivery_info={"exchange": "", "routing_key": queue or self.fast_queue},
             priority=0,
             delivery_tag=str(uuid.uuid4()),
         )

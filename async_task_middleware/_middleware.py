@@ -48,11 +48,17 @@ class AsyncTaskMiddleware:
       ``cookie`` and ``proxy-authorization``; without a ``secret_key`` they are dropped.
     - ``max_tasks_per_owner``: unfinished tasks an owner may have; more is a 429. None.
     - ``max_queued_per_route``: queued tasks a route may have; more is a 503. None.
+    - ``max_wait``: the longest ``Prefer: wait`` honoured, in seconds. 30.
+    - ``submit_status``: 303 (See Other, the default) or 202 (Accepted, with ``Location``: the
+      shape of long-running-operation pollers that follow ``Location`` while 202).
+    - ``location_base``: ``None`` (relative ``Location``), ``"request"`` (the request's scheme
+      and host) or a fixed public base URL.
     - ``max_body_size``: bytes; a larger body is a 413 and nothing is enqueued. 10 MiB.
     - ``body_timeout``: seconds the whole body may take to arrive; slower is a 408. 30.
     - ``publish_timeout``: seconds a submission may take before it is a 503. 2.
     - ``read_timeout``: seconds a status read may take before it is a 503. 2.
-    - ``retry_after``: whole seconds a client is told to wait between polls. 1.
+    - ``retry_after``: whole seconds a client is told to wait between polls (the base: older
+      tasks get longer, see ``_status.retry_after``). 1.
     - ``max_connections``: Redis connections per event loop; callers wait for a free one. 64.
     - ``debug``: put the exception type and message of a failed task in its 500. False.
     """
@@ -70,6 +76,9 @@ class AsyncTaskMiddleware:
         credential_headers: Iterable[str] = (),
         max_tasks_per_owner: int | None = None,
         max_queued_per_route: int | None = None,
+        max_wait: float = 30.0,
+        submit_status: int = 303,
+        location_base: str | None = None,
         max_body_size: int = 10 * _MiB,
         body_timeout: float = 30.0,
         publish_timeout: float = 2.0,
@@ -93,11 +102,15 @@ class AsyncTaskMiddleware:
             credential_headers=credential_headers,
             max_tasks_per_owner=max_tasks_per_owner,
             max_queued_per_route=max_queued_per_route,
+            max_wait=max_wait,
+            submit_status=submit_status,
+            location_base=location_base,
         )
         if authorize is not None and not callable(authorize):
             raise ConfigurationError(f"authorize={authorize!r}: it must be a function of the scope")
         try:
-            self._routes = RouteTable(routes, Route(authorize=authorize))
+            default = Route(authorize=authorize, retry_after=self._settings.retry_after)
+            self._routes = RouteTable(routes, default)
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(str(exc)) from None
         self._binding = Binding.of(celery_app)
@@ -114,18 +127,11 @@ class AsyncTaskMiddleware:
             if REPLAY_KEY not in scope:
                 target = self._routes.match(scope)
                 if target is not None:
+                    args = (self._settings, self._binding, self._store(), scope, receive, send)
                     if isinstance(target, Submit):
-                        await submit(
-                            self._settings,
-                            self._binding,
-                            self._store(),
-                            scope,
-                            receive,
-                            send,
-                            target,
-                        )
+                        await submit(*args, target)
                     else:
-                        await status(self._settings, self._store(), scope, send, target)
+                        await status(*args, target)
                     return
         elif scope["type"] == "lifespan":
             send = self._closing_on_shutdown(send)

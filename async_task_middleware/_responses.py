@@ -2,23 +2,38 @@
 
 from __future__ import annotations
 
+import enum
 import json
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
-_TITLES = {
-    400: "Bad Request",
-    401: "Unauthorized",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    413: "Content Too Large",
-    429: "Too Many Requests",
-    500: "Task failed",
-    503: "Service Unavailable",
-}
+#: The prefix of every problem ``type`` (a URN: stable, and naming no host).
+TYPE_PREFIX = "urn:async-task-middleware:problem:"
+
+
+class Problem(enum.Enum):
+    """Every error the middleware answers itself: a stable ``type`` per kind (RFC 9457), so a
+    client can tell them apart without parsing titles. The README lists them with examples."""
+
+    BAD_REQUEST = (400, "bad-request", "Bad Request")
+    BAD_IDEMPOTENCY_KEY = (400, "bad-idempotency-key", "Malformed Idempotency-Key")
+    UNAUTHORIZED = (401, "unauthorized", "Unauthorized")
+    NOT_FOUND = (404, "not-found", "Not Found")
+    METHOD_NOT_ALLOWED = (405, "method-not-allowed", "Method Not Allowed")
+    BODY_TIMEOUT = (408, "body-timeout", "Request Timeout")
+    TOO_LARGE = (413, "too-large", "Content Too Large")
+    IDEMPOTENCY_CONFLICT = (422, "idempotency-conflict", "Idempotency-Key reused")
+    TOO_MANY_TASKS = (429, "too-many-tasks", "Too Many Unfinished Tasks")
+    FAILED = (500, "task-failed", "Task failed")
+    QUEUE_FULL = (503, "queue-full", "Task queue full")
+    UNAVAILABLE = (503, "unavailable", "Service Unavailable")
+
+    def __init__(self, status: int, kind: str, title: str) -> None:
+        self.status = status
+        self.type = TYPE_PREFIX + kind
+        self.title = title
 
 
 async def send_response(
@@ -54,25 +69,25 @@ async def send_json(
 
 async def send_problem(
     send: Send,
-    status: int,
+    problem: Problem,
     instance: str,
     *,
     detail: str | None = None,
     headers: Sequence[tuple[bytes, bytes]] = (),
     head: bool = False,
 ) -> None:
-    problem: dict[str, Any] = {
-        "type": "about:blank",
-        "title": _TITLES.get(status, "Error"),
-        "status": status,
+    content: dict[str, Any] = {
+        "type": problem.type,
+        "title": problem.title,
+        "status": problem.status,
         "instance": instance,
     }
     if detail is not None:
-        problem["detail"] = detail
+        content["detail"] = detail
     await send_json(
         send,
-        status,
-        problem,
+        problem.status,
+        content,
         [(b"cache-control", b"no-store"), *headers],
         content_type=b"application/problem+json",
         head=head,

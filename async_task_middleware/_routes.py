@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -23,14 +24,46 @@ Authorize = Callable[[Mapping[str, Any]], "bool | Awaitable[bool]"]
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """Settings of one marked route: ``routes={"POST /words": Route(authorize=...)}``.
+    """Settings of one marked route, e.g. ``routes={"POST /words": Route(wait=5),
+    "POST /reports": Route(queue="reports", time_limit=600, retry_after=10)}``.
 
     - ``authorize``: runs on the web side before anything is enqueued and on every request to
       the route's status URLs; for apps whose authentication lives in endpoint dependencies,
       which only run in the worker. ``None``: the middleware's own ``authorize``, if any.
+    - ``wait``: seconds a submission waits for its task to finish before the 303, as if the
+      client had sent ``Prefer: wait=N`` (a client's own ``Prefer`` wins). None: no wait.
+    - ``queue``: the Celery queue the task goes to (start a worker with ``-Q <queue>``).
+      None: the task's default route.
+    - ``time_limit``: seconds the replay may run, carried in the message, so that one worker
+      serves routes with different limits. None: the worker's ``time_limit``.
+    - ``retry_after``: the base ``Retry-After`` of this route's 202s. None: the middleware's.
     """
 
     authorize: Authorize | None = None
+    wait: float | None = None
+    queue: str | None = None
+    time_limit: float | None = None
+    retry_after: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.authorize is not None and not callable(self.authorize):
+            raise TypeError(f"Route(authorize={self.authorize!r}): it must be a function")
+        for name in ("wait", "time_limit"):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, int | float) or isinstance(value, bool) or value <= 0
+            ):
+                raise ValueError(f"Route({name}={value!r}): it must be a number above 0")
+        if self.retry_after is not None and (
+            not isinstance(self.retry_after, int)
+            or isinstance(self.retry_after, bool)
+            or self.retry_after < 1
+        ):
+            raise ValueError(f"Route(retry_after={self.retry_after!r}): a whole number >= 1")
+        if self.queue is not None and (
+            not isinstance(self.queue, str) or not re.fullmatch(r"[\w.:-]{1,200}", self.queue)
+        ):
+            raise ValueError(f"Route(queue={self.queue!r}): letters, digits and _ . : - only")
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,9 +167,15 @@ class RouteTable:
 
 
 def _with_default(route: Route, default: Route | None) -> Route:
-    if default is None or route.authorize is not None:
+    """The route's settings, the middleware's where the route sets none."""
+    if default is None:
         return route
-    return Route(authorize=default.authorize)
+    changes = {
+        name: getattr(default, name)
+        for name in ("authorize", "retry_after")
+        if getattr(route, name) is None
+    }
+    return dataclasses.replace(route, **changes)
 
 
 def _location(scope: Mapping[str, Any], path: str) -> str:

@@ -7,36 +7,51 @@ Keys of one task (``<p>`` is ``async-task-middleware-``, after Celery's ``global
 - ``<p>attempts-<id>``: deliveries counted by the worker (poison requests; "a worker began").
 - ``<p>result-<id>``: the outcome: the final response, ready to send (``_wire.pack_response``),
   or ``FAILED`` (Celery's meta holds the details).
+- ``<p>events-<id>`` (a pub/sub channel, not a key): a note each time the task begins,
+  reports progress or ends; it wakes waiting requests and event streams (``_events``).
 - ``<p>live-<id>``: a heartbeat, renewed while a worker runs the task; a task that began and
   has none is waiting for redelivery ("retrying").
 - ``<p>refused-<id>``: a tombstone: a submission answered 503 that must never run.
 - ``<p>owner-<hash>``, ``<p>queued-<app> <route>``: sorted sets of unfinished tasks per owner
   and queued tasks per route (score: submission time), kept only when a cap is set.
+- ``<p>idempotency-<app> <owner> <sha256 of the key>``: ``<task id> <request fingerprint>``,
+  as long as the result lives.
 
 Scripts, not MULTI: each is one command, runs atomically, and can decide (caps, tombstones).
 """
 
 from __future__ import annotations
 
-# KEYS: record, queue, tombstone, owner set, queued set
+# KEYS: record, queue, tombstone, owner set, queued set, idempotency key ('' = none)
 # ARGV: record, lifetime, message ('' = published through Celery), task id, now,
-#       owner cap ('' = none), queued cap ('' = none), deadline on Redis's clock
-# -> 1 accepted, 0 refused (too late, or a tombstone), -1 owner at cap, -2 route queue at cap
+#       owner cap ('' = none), queued cap ('' = none), deadline on Redis's clock,
+#       request fingerprint (with an idempotency key)
+# -> {1} accepted, {0} refused (too late, or a tombstone), {-1} owner at cap,
+#    {-2} route queue at cap, {2, task id} the key's earlier task, {3} the key with another
+#    request
 # A script that reaches Redis after its deadline (it waited in a socket while Redis was frozen)
 # does nothing: by then the web side has answered 503, and a 503 must have promised nothing.
 SUBMIT = """
 local clock = redis.call('TIME')
-if tonumber(clock[1]) + tonumber(clock[2]) / 1000000 > tonumber(ARGV[8]) then return 0 end
-if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+if tonumber(clock[1]) + tonumber(clock[2]) / 1000000 > tonumber(ARGV[8]) then return {0} end
+if redis.call('EXISTS', KEYS[3]) == 1 then return {0} end
+if KEYS[6] ~= '' then
+  local prior = redis.call('GET', KEYS[6])
+  if prior then
+    local sep = string.find(prior, ' ', 1, true)
+    if string.sub(prior, sep + 1) == ARGV[9] then return {2, string.sub(prior, 1, sep - 1)} end
+    return {3}
+  end
+end
 local now = tonumber(ARGV[5])
 local horizon = now - tonumber(ARGV[2])
 if ARGV[6] ~= '' then
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', horizon)
-  if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[6]) then return -1 end
+  if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[6]) then return {-1} end
 end
 if ARGV[7] ~= '' then
   redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', horizon)
-  if redis.call('ZCARD', KEYS[5]) >= tonumber(ARGV[7]) then return -2 end
+  if redis.call('ZCARD', KEYS[5]) >= tonumber(ARGV[7]) then return {-2} end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 if ARGV[3] ~= '' then redis.call('LPUSH', KEYS[2], ARGV[3]) end
@@ -48,16 +63,22 @@ if ARGV[7] ~= '' then
   redis.call('ZADD', KEYS[5], now, ARGV[4])
   redis.call('EXPIRE', KEYS[5], ARGV[2])
 end
-return 1
+if KEYS[6] ~= '' then redis.call('SET', KEYS[6], ARGV[4] .. ' ' .. ARGV[9], 'EX', ARGV[2]) end
+return {1}
 """
 
 # A submission whose outcome is unknown (the script or Celery's publish outlived its deadline)
 # is settled before the client is answered: either a worker already began it (it was accepted:
 # answer 303), or it is taken back and a tombstone stops a script still on its way.
-# KEYS: record, attempts, tombstone, owner set, queued set   ARGV: task id, lifetime
+# KEYS: record, attempts, tombstone, owner set, queued set, idempotency key ('' = none)
+# ARGV: task id, lifetime
 # -> 1 a worker began it, 0 taken back
 RETRACT = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return 1 end
+if KEYS[6] ~= '' then
+  local prior = redis.call('GET', KEYS[6])
+  if prior and string.sub(prior, 1, #ARGV[1]) == ARGV[1] then redis.call('DEL', KEYS[6]) end
+end
 redis.call('DEL', KEYS[1])
 redis.call('SET', KEYS[3], '1', 'EX', ARGV[2])
 redis.call('ZREM', KEYS[4], ARGV[1])
@@ -83,6 +104,7 @@ if type(owner) == 'string' then
   redis.call('ZREM', ARGV[1] .. 'owner-' .. owner, ARGV[2])
 end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+if type(record['idempotency']) == 'string' then redis.call('DEL', record['idempotency']) end
 if type(record['app']) == 'string' and type(record['route']) == 'string' then
   redis.call('ZREM', ARGV[1] .. 'queued-' .. record['app'] .. ' ' .. record['route'], ARGV[2])
 end
@@ -92,7 +114,7 @@ return 1
 # The worker, before a replay: count the delivery, leave the route's queued set, start the
 # heartbeat, and give the record its full lifetime again (a task may wait long in the queue).
 # KEYS: record, attempts, queued set, result, heartbeat
-# ARGV: lifetime, task id, heartbeat lifetime (ms)
+# ARGV: lifetime, task id, heartbeat lifetime (ms), events channel
 # -> the attempt number; 0 when the record is gone (deleted, expired, refused); -1 when the
 #    task already has its outcome (a redelivery after its worker stored it, then died)
 BEGIN = """
@@ -102,6 +124,7 @@ local n = redis.call('INCR', KEYS[2])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[2])
 redis.call('SET', KEYS[5], '1', 'PX', ARGV[3])
+redis.call('PUBLISH', ARGV[4], 'running')
 return n
 """
 
@@ -117,7 +140,7 @@ return 1
 # The worker, after a replay: store the outcome (the packed response, or FAILED), restart the
 # record's lifetime (results live `lifetime` from completion, not from submission), stop the
 # heartbeat, leave the owner's set.
-# KEYS: record, result, owner set, heartbeat   ARGV: outcome, lifetime, task id
+# KEYS: record, result, owner set, heartbeat   ARGV: outcome, lifetime, task id, events channel
 # -> 1 stored, 0 the record is gone (deleted while running: nothing is kept)
 FINISH = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -125,6 +148,7 @@ redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('DEL', KEYS[4])
 redis.call('ZREM', KEYS[3], ARGV[3])
+redis.call('PUBLISH', ARGV[4], 'done')
 return 1
 """
 

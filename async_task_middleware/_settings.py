@@ -4,6 +4,7 @@ questions they answer (who is asking, may they)."""
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +38,7 @@ class Settings:
     body_timeout: float
     publish_timeout: float
     read_timeout: float
-    retry_after: bytes
+    retry_after: int
     max_connections: int
     debug: bool
     owner: Owner | None
@@ -45,6 +46,9 @@ class Settings:
     credential_headers: frozenset[bytes]
     max_tasks_per_owner: int | None
     max_queued_per_route: int | None
+    max_wait: float
+    submit_status: int
+    location_base: str | None
 
     @classmethod
     def check(
@@ -63,6 +67,9 @@ class Settings:
         credential_headers: Iterable[str],
         max_tasks_per_owner: Any,
         max_queued_per_route: Any,
+        max_wait: Any,
+        submit_status: Any,
+        location_base: Any,
     ) -> Settings:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"name={name!r}: it must be a non-empty string")
@@ -80,6 +87,17 @@ class Settings:
             raise ConfigurationError(
                 "owner= needs secret_key=: identities are stored only as keyed hashes"
             )
+        if submit_status not in (202, 303) or isinstance(submit_status, bool):
+            raise ConfigurationError(f"submit_status={submit_status!r}: it must be 303 or 202")
+        if location_base is not None and location_base != "request":
+            if not isinstance(location_base, str) or not re.fullmatch(
+                r"https?://[A-Za-z0-9.:\[\]-]+(/[!-~]*)?", location_base
+            ):
+                raise ConfigurationError(
+                    f"location_base={location_base!r}: None, 'request', or a base URL such as "
+                    "'https://api.example.com'"
+                )
+            location_base = location_base.rstrip("/")
         if max_tasks_per_owner is not None and owner is None:
             raise ConfigurationError("max_tasks_per_owner= needs owner= to tell owners apart")
         return cls(
@@ -88,7 +106,7 @@ class Settings:
             body_timeout=positive_number("body_timeout", body_timeout),
             publish_timeout=positive_number("publish_timeout", publish_timeout),
             read_timeout=positive_number("read_timeout", read_timeout),
-            retry_after=str(positive_int("retry_after", retry_after)).encode(),
+            retry_after=positive_int("retry_after", retry_after) or 1,
             max_connections=positive_int("max_connections", max_connections) or 0,
             debug=debug,
             owner=owner,
@@ -101,6 +119,9 @@ class Settings:
             max_queued_per_route=positive_int(
                 "max_queued_per_route", max_queued_per_route, optional=True
             ),
+            max_wait=positive_number("max_wait", max_wait),
+            submit_status=submit_status,
+            location_base=location_base,
         )
 
     def owner_tags(self, scope: Mapping[str, Any]) -> list[str]:
@@ -112,6 +133,31 @@ class Settings:
         if identity is None:
             return []
         return self.keys.owner_tags(identity.encode() if isinstance(identity, str) else identity)
+
+
+def location(settings: Settings, scope: Mapping[str, Any], path: str) -> bytes:
+    """The ``Location`` (and ``Content-Location``) of a status URL: the path, or absolute on
+    ``location_base`` (a fixed base, or ``"request"``: the request's own scheme and host)."""
+    base = settings.location_base
+    if base is None:
+        return path.encode()
+    if base == "request":
+        base = f"{scope.get('scheme', 'http')}://{_host(scope)}"
+    return (base + path).encode()
+
+
+# A Host header is the client's text: only a plain host[:port] goes into a Location.
+_HOST = re.compile(rb"[A-Za-z0-9.-]{1,253}(:\d{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:\d{1,5})?")
+
+
+def _host(scope: Mapping[str, Any]) -> str:
+    for name, value in scope.get("headers", ()):
+        if name == b"host" and _HOST.fullmatch(value):
+            return str(value.decode("ascii"))
+    server = scope.get("server")
+    if server and server[1] is not None:
+        return f"{server[0]}:{server[1]}"
+    return str(server[0]) if server else "localhost"
 
 
 async def authorized(route: Route, scope: Mapping[str, Any]) -> bool:

@@ -1,27 +1,36 @@
 """The status URL: ``GET``/``HEAD`` read a task, ``DELETE`` cancels it, for its owner only.
 
 A task owned by someone else, an unknown one and a malformed id get the very same 404: the
-status URL reveals nothing to whoever does not own the task.
+status URL reveals nothing to whoever does not own the task. ``Prefer: wait=N`` makes a ``GET``
+a long poll (``_wait``); ``Accept: text/event-stream`` an event stream (``_stream``).
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import time
+from collections.abc import Sequence
 from typing import Any
 
-from ._responses import send_json, send_problem, send_response
-from ._routes import STATUS_METHODS, Status
-from ._scripts import FAILED
-from ._settings import Settings, authorized
+from ._celery import Binding
+from ._headers import parse_prefer
+from ._responses import Problem, send_json, send_problem, send_response
+from ._routes import STATUS_METHODS, Route, Status
+from ._settings import Settings, authorized, location
 from ._store import StoreUnavailable, TaskState, TaskStore
-from ._types import Scope, Send
+from ._stream import stream_events, wants_event_stream
+from ._types import Receive, Scope, Send
+from ._wait import wait_for_end
 from ._wire import WireFormatError, unpack_response
 
 logger = logging.getLogger(__name__)
 
-_FAILED = frozenset({"FAILURE", "REVOKED", "REJECTED"})
 _ALLOW = ", ".join(STATUS_METHODS).encode()
+#: However old a task, a client need not wait longer than this between polls.
+RETRY_AFTER_CAP = 30
+
+Headers = Sequence[tuple[bytes, bytes]]
 
 
 def may_see(record: dict[str, Any], tags: list[str]) -> bool:
@@ -34,70 +43,114 @@ def may_see(record: dict[str, Any], tags: list[str]) -> bool:
 
 
 async def status(
-    settings: Settings, store: TaskStore, scope: Scope, send: Send, target: Status
+    settings: Settings,
+    binding: Binding,
+    store: TaskStore,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    target: Status,
 ) -> None:
     method = scope["method"]
     head = method == "HEAD"
     instance = target.instance
     if method not in STATUS_METHODS:
-        await send_problem(send, 405, instance, headers=[(b"allow", _ALLOW)])
+        await send_problem(send, Problem.METHOD_NOT_ALLOWED, instance, headers=[(b"allow", _ALLOW)])
         return
     if not await authorized(target.route, scope):
-        await send_problem(send, 401, instance, head=head)
+        await send_problem(send, Problem.UNAUTHORIZED, instance, head=head)
         return
-    if target.task_id is None:
-        await send_problem(send, 404, instance, head=head)
+    task_id = target.task_id
+    if task_id is None:
+        await send_problem(send, Problem.NOT_FOUND, instance, head=head)
         return
     tags = settings.owner_tags(scope)
+    extra: list[tuple[bytes, bytes]] = []
     try:
         if method == "DELETE":
-            if await store.delete(target.task_id, tags):
+            if await store.delete(task_id, tags):
                 await send_response(send, 204, [], b"")
             else:
-                await send_problem(send, 404, instance)
+                await send_problem(send, Problem.NOT_FOUND, instance)
             return
-        state = await store.read(target.task_id)
+        if method == "GET" and wants_event_stream(scope):
+            state = await store.read(task_id)
+            if state.record is None or not may_see(state.record, tags):
+                await send_problem(send, Problem.NOT_FOUND, instance)
+                return
+            channel = binding.events_channel(task_id)
+            await stream_events(store, channel, task_id, instance, scope, receive, send)
+            return
+        wait = parse_prefer(scope.get("headers", ())).wait
+        # Long polls arrive in crowds: their reads are batched (``TaskStore.read_batched``).
+        state = await (store.read_batched(task_id) if wait else store.read(task_id))
+        visible = state.record is not None and may_see(state.record, tags)
+        if visible and wait and not state.final:
+            seconds = min(wait, settings.max_wait)
+            channel = binding.events_channel(task_id)
+            waited = await wait_for_end(store, channel, task_id, seconds, receive)
+            if waited is None:
+                return  # the client left: no one to answer
+            state = waited
+            extra.append((b"preference-applied", b"wait=%d" % seconds))
     except StoreUnavailable as exc:
         logger.warning("task store unavailable: %s", exc)
-        retry_after = [(b"retry-after", settings.retry_after)]
-        await send_problem(send, 503, instance, headers=retry_after, head=head)
+        unavailable = [(b"retry-after", b"%d" % settings.retry_after)]
+        await send_problem(send, Problem.UNAVAILABLE, instance, headers=unavailable, head=head)
         return
     if state.record is None or not may_see(state.record, tags):
-        await send_problem(send, 404, instance, head=head)
+        await send_problem(send, Problem.NOT_FOUND, instance, head=head)
         return
-    if state.outcome == FAILED:
-        await _failed(settings, send, instance, state, head)
+    self_url = location(settings, scope, f"{target.location}/{task_id}")
+    await answer(settings, send, instance, task_id, target.route, state, head, extra, self_url)
+
+
+async def answer(
+    settings: Settings,
+    send: Send,
+    instance: str,
+    task_id: str,
+    route: Route,
+    state: TaskState,
+    head: bool,
+    extra: Headers,
+    status_url: bytes,
+) -> None:
+    """What the status URL serves for a task in ``state``: its response, its failure, or 202
+    (with ``Location``: the status URL itself, which generic pollers follow while 202)."""
+    if state.failed:
+        detail = _failure_detail(state.meta or {}) if settings.debug else None
+        await send_problem(send, Problem.FAILED, instance, detail=detail, headers=extra, head=head)
     elif state.outcome is not None:
         try:
             code, headers, body = unpack_response(state.outcome)
         except WireFormatError:
-            logger.error("task %s: stored response unreadable", target.task_id)
-            await send_problem(send, 500, instance, head=head)
+            logger.error("task %s: stored response unreadable", task_id)
+            await send_problem(send, Problem.FAILED, instance, headers=extra, head=head)
             return
-        await send_response(send, code, headers, body, head=head)
-    elif state.meta is not None and state.meta.get("status") in _FAILED:
-        await _failed(settings, send, instance, state, head)  # failed before it could begin
+        await send_response(send, code, [*headers, *extra], body, head=head)
     else:
-        result = state.meta.get("result") if state.meta else None
-        progress = result.get("progress") if isinstance(result, dict) else None
+        assert state.record is not None
         await send_json(
             send,
             202,
-            {
-                "task_id": target.task_id,
-                "status": "running" if state.live else "retrying" if state.began else "queued",
-                "progress": progress,
-            },
-            [(b"retry-after", settings.retry_after), (b"cache-control", b"no-store")],
+            state.summary(task_id),
+            [
+                (b"retry-after", retry_after(route.retry_after or 1, state.record)),
+                (b"cache-control", b"no-store"),
+                (b"location", status_url),
+                *extra,
+            ],
             head=head,
         )
 
 
-async def _failed(
-    settings: Settings, send: Send, instance: str, state: TaskState, head: bool
-) -> None:
-    detail = _failure_detail(state.meta or {}) if settings.debug else None
-    await send_problem(send, 500, instance, detail=detail, head=head)
+def retry_after(base: int, record: dict[str, Any]) -> bytes:
+    """Short for young tasks, longer for old ones: a tenth of the task's age, at least the
+    route's base, at most 30 s (or the base, when that is longer). Never 0."""
+    created = record.get("created")
+    age = time.time() - created if isinstance(created, int | float) else 0.0
+    return b"%d" % min(max(base, RETRY_AFTER_CAP), max(base, int(age / 10)))
 
 
 def _failure_detail(meta: dict[str, Any]) -> str:

@@ -21,6 +21,10 @@ from redis.exceptions import RedisError
 
 from . import _scripts
 from ._celery import Binding
+from ._events import Subscriptions
+from ._scripts import FAILED
+
+CLIENT_NAME = "async-task-middleware-web"
 
 
 class StoreUnavailable(Exception):
@@ -31,9 +35,11 @@ class Outcome(enum.IntEnum):
     """What the submit script decided."""
 
     ACCEPTED = 1
-    REFUSED = 0  # a tombstone: this id was already answered 503
+    REFUSED = 0  # past its deadline, or a tombstone: this id was already answered 503
     OWNER_FULL = -1
     QUEUE_FULL = -2
+    DUPLICATE = 2  # the idempotency key's earlier task, for the same request
+    CONFLICT = 3  # the idempotency key with another request
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +52,12 @@ class Submission:
     owner: str | None
     owner_cap: int | None
     queued_cap: int | None
+    queue: str | None = None
+    idempotency_key: bytes | None = None  # the Redis key, not the client's
+    fingerprint: str = ""
+
+
+_FAILED_STATES = frozenset({"FAILURE", "REVOKED", "REJECTED"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +72,33 @@ class TaskState:
     meta: dict[str, Any] | None = None
     live: bool = False
     began: bool = False
+
+    @property
+    def final(self) -> bool:
+        """Unknown (gone), or ended: nothing more to wait for."""
+        return (
+            self.record is None
+            or self.outcome is not None
+            or (self.meta is not None and self.meta.get("status") in _FAILED_STATES)
+        )
+
+    def summary(self, task_id: str) -> dict[str, Any]:
+        """The 202 body (and the event stream's status data): task id, status, progress."""
+        result = self.meta.get("result") if self.meta else None
+        progress = result.get("progress") if isinstance(result, dict) else None
+        return {
+            "task_id": task_id,
+            "status": "running" if self.live else "retrying" if self.began else "queued",
+            "progress": progress,
+        }
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome == FAILED or (
+            self.outcome is None
+            and self.meta is not None
+            and self.meta.get("status") in _FAILED_STATES
+        )
 
 
 def _decode_meta(binding: Binding, raw: bytes) -> dict[str, Any]:
@@ -91,38 +130,51 @@ class TaskStore:
             timeout=timeout,  # waiting for a free connection counts against the deadline too
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
+            # Named, so that an operator's CLIENT LIST tells the web side's connections apart.
+            client_name=CLIENT_NAME,
         )
         self._redis = Redis(connection_pool=pool)
+        self.events = Subscriptions(self._redis)
+        self._batch: dict[str, asyncio.Future[TaskState]] = {}
+        self._flushing = False
         self._submit = self._redis.register_script(_scripts.SUBMIT)
         self._retract = self._redis.register_script(_scripts.RETRACT)
         self._delete = self._redis.register_script(_scripts.DELETE)
 
     async def aclose(self) -> None:
+        await self.events.aclose()
         await self._redis.aclose()
         await self._redis.connection_pool.disconnect()
 
     async def submit(
         self, sub: Submission, message: bytearray | None, *, timeout: float
-    ) -> Outcome:
+    ) -> tuple[Outcome, str]:
         """Write the submission record and, for the native Redis broker, push the task message
         in the same script, within the caps: all of it happens or none of it does, and none of
         it once ``timeout`` has passed (see ``SUBMIT``)."""
         b = self._binding
         await self._sync_clock()
         deadline = time.time() + self._clock_offset + timeout * (1 - _REPLY_MARGIN)
-        record = json.dumps(
-            {"v": 1, "created": time.time(), "app": sub.app, "route": sub.route, "owner": sub.owner}
-        )
+        record = {
+            "v": 1,
+            "created": time.time(),
+            "app": sub.app,
+            "route": sub.route,
+            "owner": sub.owner,
+        }
+        if sub.idempotency_key is not None:
+            record["idempotency"] = sub.idempotency_key.decode()
         keys = [
             b.record_key(sub.task_id),
-            (b.fast_queue or "").encode(),
+            (sub.queue or b.fast_queue or "").encode(),
             b.tombstone_key(sub.task_id),
             b.owner_set_key(sub.owner),
             b.queued_set_key(sub.app, sub.route),
+            sub.idempotency_key or b"",
         ]
         owner_cap = sub.owner_cap if sub.owner is not None else None
         args: list[bytes | bytearray | str | int] = [
-            record,
+            json.dumps(record),
             b.expires,
             message if message is not None else b"",
             sub.task_id,
@@ -130,9 +182,12 @@ class TaskStore:
             "" if owner_cap is None else owner_cap,
             "" if sub.queued_cap is None else sub.queued_cap,
             repr(deadline),
+            sub.fingerprint,
         ]
         async with self._deadline(timeout):
-            return Outcome(await self._submit(keys=keys, args=args))
+            answer = await self._submit(keys=keys, args=args)
+        outcome = Outcome(answer[0])
+        return outcome, answer[1].decode() if outcome is Outcome.DUPLICATE else sub.task_id
 
     async def _sync_clock(self) -> None:
         """Learn how far Redis's clock is from this host's (to the round trip's precision),
@@ -156,30 +211,80 @@ class TaskStore:
             b.tombstone_key(sub.task_id),
             b.owner_set_key(sub.owner),
             b.queued_set_key(sub.app, sub.route),
+            sub.idempotency_key or b"",
         ]
         async with self._deadline():
             return bool(await self._retract(keys=keys, args=[sub.task_id, b.expires]))
 
-    async def read(self, task_id: str) -> TaskState:
+    def _keys(self, task_id: str) -> list[bytes]:
         b = self._binding
-        # One command, one round trip: everything a status answer needs.
-        async with self._deadline():
-            record, outcome, meta, live, began = await self._redis.mget(
-                b.record_key(task_id),
-                b.result_key(task_id),
-                b.meta_key(task_id),
-                b.heartbeat_key(task_id),
-                b.attempts_key(task_id),
-            )
+        return [
+            b.record_key(task_id),
+            b.result_key(task_id),
+            b.meta_key(task_id),
+            b.heartbeat_key(task_id),
+            b.attempts_key(task_id),
+        ]
+
+    def _state(self, values: list[Any]) -> TaskState:
+        record, outcome, meta, live, began = values
         if record is None:
             return TaskState(None)
         return TaskState(
             json.loads(record),
             cast(bytes | None, outcome),
-            _decode_meta(b, cast(bytes, meta)) if meta is not None else None,
+            _decode_meta(self._binding, cast(bytes, meta)) if meta is not None else None,
             live is not None,
             began is not None,
         )
+
+    async def read(self, task_id: str) -> TaskState:
+        """Everything a status answer needs, in one command and one round trip."""
+        async with self._deadline():
+            values = await self._redis.mget(self._keys(task_id))
+        return self._state(values)
+
+    async def read_batched(self, task_id: str) -> TaskState:
+        """The same, for waiters: one pipeline at a time carries every read asked for
+        meanwhile, on one connection, and reads of the same task share one ``MGET``. A
+        thousand waiters woken at once then cost a round trip or two, not a thousand
+        connections."""
+        future = self._batch.get(task_id)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._batch[task_id] = future
+            if not self._flushing:
+                self._flushing = True
+                asyncio.get_running_loop().create_task(self._flush_all())
+        return await asyncio.shield(future)
+
+    async def _flush_all(self) -> None:
+        try:
+            await asyncio.sleep(0)  # gather the reads asked for in this turn of the loop
+            while self._batch:
+                batch, self._batch = self._batch, {}
+                await self._flush(batch)
+        finally:
+            self._flushing = False
+
+    async def _flush(self, batch: dict[str, asyncio.Future[TaskState]]) -> None:
+        try:
+            async with self._deadline(), self._redis.pipeline(transaction=False) as pipe:
+                for task_id in batch:
+                    pipe.mget(self._keys(task_id))
+                results = await pipe.execute()
+            states = [self._state(values) for values in results]
+        except BaseException as exc:
+            # Every waiter gets an answer, even when the flush itself is cancelled.
+            for future in batch.values():
+                if not future.done():
+                    future.set_exception(StoreUnavailable(str(exc)))
+            if not isinstance(exc, StoreUnavailable | Exception):
+                raise
+            return
+        for future, state in zip(batch.values(), states, strict=True):
+            if not future.done():
+                future.set_result(state)
 
     async def delete(self, task_id: str, owners: list[str]) -> bool:
         """Forget the task if ``owners`` may (any of the requester's owner hashes; none for an

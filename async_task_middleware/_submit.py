@@ -3,26 +3,34 @@
 A refusal (``503``, ``429``, ``408``, ``413``, ``401``) always means nothing was enqueued: a
 submission whose outcome is unknown when its deadline passes is settled before the answer
 (``TaskStore.retract``), so a client that retries after a 503 never runs the endpoint twice.
+With ``Prefer: wait=N`` (or the route's ``wait``) a task that ends within the wait is answered
+with its final response, as the status URL would serve it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import hashlib
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import anyio.to_thread
 
 from ._celery import TASK_NAME, Binding
+from ._headers import BadIdempotencyKey, Prefer, idempotency_key, parse_prefer
 from ._policy import split_headers
-from ._responses import send_problem, send_response
+from ._responses import Problem, send_problem, send_response
 from ._routes import Submit
-from ._settings import Settings, authorized
+from ._settings import Settings, authorized, location
+from ._status import answer
 from ._store import Outcome, StoreUnavailable, Submission, TaskStore
 from ._types import Receive, Scope, Send
+from ._wait import wait_for_end
 from ._wire import body_base64, capture_request
 
 logger = logging.getLogger(__name__)
@@ -51,13 +59,18 @@ async def submit(
     target: Submit,
 ) -> None:
     instance = target.location
+    headers = scope.get("headers", ())
     if not await authorized(target.route, scope):
-        await send_problem(send, 401, instance)
+        await send_problem(send, Problem.UNAUTHORIZED, instance)
         return
     try:
+        key = idempotency_key(headers)
         length = _content_length(scope)
+    except BadIdempotencyKey as exc:
+        await send_problem(send, Problem.BAD_IDEMPOTENCY_KEY, instance, detail=str(exc))
+        return
     except ValueError:
-        await send_problem(send, 400, instance, detail="invalid Content-Length")
+        await send_problem(send, Problem.BAD_REQUEST, instance, detail="invalid Content-Length")
         return
     try:
         if length is not None and length > settings.max_body_size:
@@ -66,51 +79,129 @@ async def submit(
             body = await _read_body(receive, settings.max_body_size)
     except _BodyTooLarge:
         detail = f"the body is larger than {settings.max_body_size} bytes"
-        await send_problem(send, 413, instance, detail=detail)
+        await send_problem(send, Problem.TOO_LARGE, instance, detail=detail)
         return
     except TimeoutError:
         # A client trickling its body holds a connection and memory: answer and hang up.
         detail = f"the body did not arrive within {settings.body_timeout:g} s"
-        await send_problem(send, 408, instance, detail=detail, headers=[(b"connection", b"close")])
+        closing = [(b"connection", b"close")]
+        await send_problem(send, Problem.BODY_TIMEOUT, instance, detail=detail, headers=closing)
         return
     if body is None:
         return  # the client left while sending: nothing was enqueued, no one to answer
 
     tags = settings.owner_tags(scope)
-    headers, sealed = split_headers(
-        scope.get("headers", ()), settings.credential_headers, settings.keys
-    )
+    kept, sealed = split_headers(headers, settings.credential_headers, settings.keys)
     if settings.keys is None:
         _warn_if_dropped(scope, settings.credential_headers)
+    owner = tags[0] if tags else None
+    route = target.route
     sub = Submission(
         task_id=str(uuid.uuid4()),
         app=settings.name,
         route=target.spec,
-        owner=tags[0] if tags else None,
+        owner=owner,
         owner_cap=settings.max_tasks_per_owner,
         queued_cap=settings.max_queued_per_route,
+        queue=route.queue,
+        idempotency_key=None if key is None else binding.idempotency_key(settings.name, owner, key),
+        fingerprint="" if key is None else _fingerprint(scope, body),
     )
     envelope = capture_request(
-        scope, app=sub.app, route=sub.route, owner=sub.owner, headers=headers, sealed=sealed
+        scope, app=sub.app, route=sub.route, owner=owner, headers=kept, sealed=sealed
     )
-    try:
-        outcome = await _publish(settings, binding, store, sub, envelope, body)
-    except (_PublishFailed, StoreUnavailable) as exc:
-        logger.warning("submission to %s refused: %s", instance, type(exc).__name__)
-        outcome = None
-    retry_after = [(b"retry-after", settings.retry_after)]
-    if outcome is Outcome.ACCEPTED:
-        location = f"{target.location}/{sub.task_id}".encode()
-        await send_response(send, 303, [(b"location", location), (b"content-length", b"0")], b"")
-    elif outcome is Outcome.OWNER_FULL:
-        detail = f"you have {settings.max_tasks_per_owner} unfinished tasks; wait for one to end"
-        await send_problem(send, 429, instance, detail=detail, headers=retry_after)
-    elif outcome is Outcome.QUEUE_FULL:
-        detail = "the task queue of this route is full; try again later"
-        await send_problem(send, 503, instance, detail=detail, headers=retry_after)
-    else:
-        detail = "the task queue is unavailable; try again later"
-        await send_problem(send, 503, instance, detail=detail, headers=retry_after)
+    if route.time_limit is not None:
+        envelope["time_limit"] = route.time_limit
+    prefer = parse_prefer(headers)
+    wait = _wait(prefer, route.wait, settings.max_wait)
+    retry_after = [(b"retry-after", b"%d" % settings.retry_after)]
+    async with _listening(store, binding, sub.task_id, wait) as notes:
+        try:
+            outcome, task_id = await _publish(settings, binding, store, sub, envelope, body)
+        except (_PublishFailed, StoreUnavailable) as exc:
+            logger.warning("submission to %s refused: %s", instance, type(exc).__name__)
+            detail = "the task queue is unavailable; try again later"
+            await send_problem(
+                send, Problem.UNAVAILABLE, instance, detail=detail, headers=retry_after
+            )
+            return
+        if outcome is Outcome.OWNER_FULL:
+            detail = f"you have {settings.max_tasks_per_owner} unfinished tasks; wait for one"
+            await send_problem(
+                send, Problem.TOO_MANY_TASKS, instance, detail=detail, headers=retry_after
+            )
+            return
+        if outcome is Outcome.QUEUE_FULL:
+            detail = "the task queue of this route is full; try again later"
+            await send_problem(
+                send, Problem.QUEUE_FULL, instance, detail=detail, headers=retry_after
+            )
+            return
+        if outcome is Outcome.CONFLICT:
+            detail = "this Idempotency-Key was used with another request"
+            await send_problem(send, Problem.IDEMPOTENCY_CONFLICT, instance, detail=detail)
+            return
+        if outcome is Outcome.REFUSED:
+            await send_problem(send, Problem.UNAVAILABLE, instance, headers=retry_after)
+            return
+        status_path = f"{target.location}/{task_id}"
+        status_url = location(settings, scope, status_path)
+        if wait:
+            channel = binding.events_channel(task_id)
+            own = notes if task_id == sub.task_id else None  # a duplicate: listen to the first
+            try:
+                state = await wait_for_end(store, channel, task_id, wait, receive, own)
+            except StoreUnavailable:
+                state = None  # the task is accepted: the client reads it at the status URL
+            if state is not None and state.final and state.record is not None:
+                extra = [
+                    (b"content-location", status_url),
+                    (b"preference-applied", b"wait=%d" % wait),
+                ]
+                await answer(
+                    settings, send, status_path, task_id, route, state, False, extra, status_url
+                )
+                return
+    headers_out = [(b"location", status_url), (b"content-length", b"0")]
+    if prefer.respond_async:
+        headers_out.append((b"preference-applied", b"respond-async"))
+    if settings.submit_status == 202:
+        headers_out.append((b"retry-after", b"%d" % (route.retry_after or 1)))
+    await send_response(send, settings.submit_status, headers_out, b"")
+
+
+def _wait(prefer: Prefer, route_wait: float | None, max_wait: float) -> int:
+    """Whole seconds to wait before the 303: the client's ``Prefer`` first, then the route's,
+    capped; ``respond-async`` means none."""
+    if prefer.respond_async:
+        return 0
+    wanted = prefer.wait if prefer.wait is not None else route_wait
+    return int(min(wanted, max_wait)) if wanted else 0
+
+
+@contextlib.asynccontextmanager
+async def _listening(
+    store: TaskStore, binding: Binding, task_id: str, wait: int
+) -> AsyncIterator[Any]:
+    """The task's subscription, opened before the task exists, so that no note is missed."""
+    if not wait:
+        yield None
+        return
+    channel = binding.events_channel(task_id)
+    notes: Any
+    async with store.events.listen(channel, 1.0) as notes:
+        yield notes
+
+
+def _fingerprint(scope: Scope, body: bytearray) -> str:
+    """What makes two requests "the same" for an idempotency key: method, path, query and the
+    body's bytes (the owner is in the key's own name)."""
+    digest = hashlib.sha256()
+    for part in (scope["method"].encode(), scope.get("raw_path") or scope["path"].encode()):
+        digest.update(part + b"\0")
+    digest.update(scope.get("query_string", b"") + b"\0")
+    digest.update(body)
+    return digest.hexdigest()
 
 
 async def _publish(
@@ -120,43 +211,55 @@ async def _publish(
     sub: Submission,
     envelope: dict[str, Any],
     body: bytearray,
-) -> Outcome:
+) -> tuple[Outcome, str]:
+    route_limit = envelope.get("time_limit")
     try:
         if binding.fast_queue is not None:
-            build = functools.partial(binding.broker_message, sub.task_id, envelope, body)
+            build = functools.partial(
+                binding.broker_message,
+                sub.task_id,
+                envelope,
+                body,
+                queue=sub.queue,
+                time_limit=route_limit,
+            )
             if len(body) > _INLINE_MESSAGE_LIMIT:
                 message = await anyio.to_thread.run_sync(build)
             else:
                 message = build()
             body.clear()  # the message holds it now: one copy per request, not two
             return await store.submit(sub, message, timeout=settings.publish_timeout)
-        outcome = await store.submit(sub, None, timeout=settings.publish_timeout)
+        outcome, task_id = await store.submit(sub, None, timeout=settings.publish_timeout)
         if outcome is Outcome.ACCEPTED:
             envelope["body"] = body_base64(body).decode("ascii")
             body.clear()
-            await _publish_through_celery(settings, binding, sub.task_id, envelope)
-        return outcome
+            await _publish_through_celery(settings, binding, sub, envelope)
+        return outcome, task_id
     except (_PublishFailed, StoreUnavailable):
         # The script (or Celery's publish) may still land after its deadline: settle it now.
         with anyio.CancelScope(shield=True):
             if await store.retract(sub):
-                return Outcome.ACCEPTED  # a worker already began it: it was accepted
+                return Outcome.ACCEPTED, sub.task_id  # a worker already began it
         raise
 
 
 async def _publish_through_celery(
-    settings: Settings, binding: Binding, task_id: str, envelope: dict[str, Any]
+    settings: Settings, binding: Binding, sub: Submission, envelope: dict[str, Any]
 ) -> None:
     """Any other broker: Celery's blocking publish runs in a thread, after the record, so that
     the worker finds it; one that fails or outlives the deadline is retracted by the caller,
     and should it still land later, the worker drops it for want of a record."""
+    options: dict[str, Any] = {}
+    if sub.queue is not None:
+        options["queue"] = sub.queue
     send_task = functools.partial(
         binding.celery_app.send_task,
         TASK_NAME,
         args=(envelope,),
-        task_id=task_id,
+        task_id=sub.task_id,
         argsrepr="(<request>)",
         retry=False,
+        **options,
     )
     try:
         with anyio.fail_after(settings.publish_timeout):
@@ -193,9 +296,7 @@ def _warn_if_dropped(scope: Scope, credentials: frozenset[bytes]) -> None:
     global _warned_dropped
     if _warned_dropped:
         return
-    names = sorted(
-        {name.decode("latin-1") for name, _ in scope.get("headers", ()) if name in credentials}
-    )
+    names = {name.decode("latin-1") for name, _ in scope.get("headers", ()) if name in credentials}
     if names:
         _warned_dropped = True
         logger.warning(

@@ -102,8 +102,6 @@ def register_replay(
     hard_limit = hard_time_limit(
         celery_app, soft_limit, leases=leases, amqp_consumer_timeout=amqp_consumer_timeout
     )
-    # A replay still not done this long after its limit has not let the loop cancel it.
-    blocked_after = soft_limit + HARD_LIMIT_GRACE / 2
     heartbeat_ms = int(max(5.0, 4 * cancel_check_interval) * 1000)
     registry = _Apps(apps)
     scripts: dict[int, tuple[Any, Any, Any]] = {}
@@ -129,9 +127,11 @@ def register_replay(
             logger.info("task %s dropped: its submission record is gone", task_id)
             raise Ignore()
 
+        channel = binding.events_channel(task_id)
+
         def finished(outcome: bytes) -> bool:
             keys = [record_key, binding.result_key(task_id), owner_set, heartbeat_key]
-            return bool(finish(keys=keys, args=[outcome, binding.expires, task_id]))
+            return bool(finish(keys=keys, args=[outcome, binding.expires, task_id, channel]))
 
         queued_set = binding.queued_set_key(str(envelope.get("app")), str(envelope.get("route")))
         attempts = begin(
@@ -142,7 +142,7 @@ def register_replay(
                 binding.result_key(task_id),
                 heartbeat_key,
             ],
-            args=[binding.expires, task_id, heartbeat_ms],
+            args=[binding.expires, task_id, heartbeat_ms, channel],
         )
         if attempts == -1:
             logger.info("task %s already has its outcome: not run again", task_id)
@@ -161,10 +161,12 @@ def register_replay(
 
             def progress(data: dict[str, Any]) -> None:
                 task.update_state(task_id=task_id, state="STARTED", meta={"progress": data})
+                store.publish(channel, b"progress")
 
             coro = replay(app, envelope, headers, max_response_size, lifespan_timeout)
             started = time.monotonic()
-            future = process_loop().run(coro, progress, soft_limit)
+            limit = _route_limit(envelope, soft_limit)
+            future = process_loop().run(coro, progress, limit)
             try:
                 while True:
                     try:
@@ -176,9 +178,9 @@ def register_replay(
                         ):
                             future.cancel()
                             drop()
-                        if time.monotonic() - started > blocked_after:
+                        if time.monotonic() - started > limit + HARD_LIMIT_GRACE / 2:
                             raise LoopBlocked(
-                                f"the replay did not stop within {blocked_after:g} s"
+                                f"the replay did not stop within its {limit:g} s limit"
                             ) from None
             except BaseException:
                 future.cancel()  # a worker shutdown, a limit: stop the replay too
@@ -211,6 +213,14 @@ def register_replay(
         resultrepr_maxsize=64,
     )(run)
     return task
+
+
+def _route_limit(envelope: dict[str, Any], default: float) -> float:
+    """The route's own time limit, carried in the message, else the worker's."""
+    limit = envelope.get("time_limit")
+    if isinstance(limit, int | float) and not isinstance(limit, bool) and limit > 0:
+        return float(limit)
+    return default
 
 
 def _replace_blocked(task: Task, task_id: str, exc: LoopBlocked, finished: Any) -> None:

@@ -126,7 +126,9 @@ class Worker:
         logfile: Path,
         concurrency: int = 2,
         pool: str = "prefork",
+        queues: str | None = None,
     ):
+        self._queues = ["-Q", queues] if queues else []
         self._module = module
         self._env = env
         self._logfile = logfile
@@ -151,6 +153,7 @@ class Worker:
                     "--loglevel=INFO",
                     "--without-mingle",
                     "--without-gossip",
+                    *self._queues,
                 ],
                 cwd=ROOT,
                 env=env,

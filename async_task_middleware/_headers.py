@@ -1,0 +1,71 @@
+"""The request headers the protocol reads: ``Prefer`` (RFC 7240) and ``Idempotency-Key`` (the
+IETF httpapi draft), parsed by small total functions that never raise on hostile input."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+# RFC 7240 section 2: preference = token [ BWS "=" BWS word ] *( OWS ";" [ OWS parameter ] )
+_PREFERENCE = re.compile(r'\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*(?:=\s*("[^"]*"|[^\s;,]*))?')
+# Visible ASCII, 1 to 255 characters.
+_KEY = re.compile(rb"[\x21-\x7e]{1,255}")
+
+
+@dataclass(frozen=True, slots=True)
+class Prefer:
+    wait: float | None = None
+    respond_async: bool = False
+
+
+NO_PREFERENCE = Prefer()
+
+
+def parse_prefer(headers: Iterable[tuple[bytes, bytes]]) -> Prefer:
+    """``wait=N`` (seconds, a non-negative number) and ``respond-async``; anything else,
+    including malformed values, is ignored, as RFC 7240 asks of a server."""
+    wait: float | None = None
+    respond_async = False
+    for name, value in headers:
+        if name != b"prefer":
+            continue
+        text = value.decode("latin-1")
+        for item in text.split(","):
+            match = _PREFERENCE.match(item.split(";", 1)[0])
+            if match is None:
+                continue
+            preference = match[1].lower()
+            argument = (match[2] or "").strip('"')
+            if preference == "respond-async":
+                respond_async = True
+            elif (
+                preference == "wait"
+                and wait is None
+                and re.fullmatch(r"\d{1,9}(\.\d{1,6})?", argument)
+            ):
+                wait = float(argument)
+    if wait is None and not respond_async:
+        return NO_PREFERENCE
+    return Prefer(wait, respond_async)
+
+
+class BadIdempotencyKey(ValueError):
+    pass
+
+
+def idempotency_key(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    """The ``Idempotency-Key`` (an sf-string per the draft; a bare token is accepted too), or
+    None. Raises ``BadIdempotencyKey`` when it is empty, longer than 255 characters, not
+    visible ASCII, or sent more than once."""
+    keys = [value for name, value in headers if name == b"idempotency-key"]
+    if not keys:
+        return None
+    if len(keys) > 1:
+        raise BadIdempotencyKey("send one Idempotency-Key, not several")
+    key = keys[0].strip(b" \t")
+    if len(key) >= 2 and key[:1] == b'"' and key[-1:] == b'"':
+        key = key[1:-1]
+    if not _KEY.fullmatch(key):
+        raise BadIdempotencyKey("an Idempotency-Key is 1 to 255 visible ASCII characters")
+    return key
