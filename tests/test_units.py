@@ -314,3 +314,11 @@ def test_public_names() -> None:
     assert public == set(async_task_middleware.__all__)
     for name in async_task_middleware.__all__:
         assert getattr(async_task_middleware, name).__module__.startswith("async_task_middleware")
+
+
+@pytest.mark.parametrize("size", [0, 5, 1024 * 1024 - 1, 1024 * 1024 + 7, 3 * 1024 * 1024 + 11])
+def test_example_word_count_over_chunks(size: int) -> None:
+    from examples.wordcount.counting import word_count
+
+    text = ("lorem ipsum dolor " * (size // 18 + 1))[:size]
+    assert word_count(text) == len(text.split())

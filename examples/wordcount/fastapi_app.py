@@ -11,6 +11,7 @@ from fastapi import FastAPI, File, UploadFile
 from fastapi.middleware.cors import CORSMiddleware
 
 from async_task_middleware import AsyncTaskMiddleware
+from examples.wordcount.counting import word_count
 from examples.wordcount.worker import CORS, PROTECTION, celery_app
 
 app = FastAPI(title="word count")
@@ -19,7 +20,7 @@ app = FastAPI(title="word count")
 @app.post("/words")
 async def count_words(text: Annotated[UploadFile, File()]) -> dict[str, int]:
     content = (await text.read()).decode()
-    return {"count": len(content.split())}
+    return {"count": word_count(content)}
 
 
 @app.get("/health")

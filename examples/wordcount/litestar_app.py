@@ -17,6 +17,7 @@ from litestar.params import Body
 from starlette.middleware.cors import CORSMiddleware
 
 from async_task_middleware import AsyncTaskMiddleware
+from examples.wordcount.counting import word_count
 from examples.wordcount.worker import CORS, PROTECTION, celery_app
 
 
@@ -30,7 +31,7 @@ async def count_words(
     data: Annotated[Words, Body(media_type=RequestEncodingType.MULTI_PART)],
 ) -> dict[str, int]:
     content = (await data.text.read()).decode()
-    return {"count": len(content.split())}
+    return {"count": word_count(content)}
 
 
 @get("/health")

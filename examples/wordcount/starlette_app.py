@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from async_task_middleware import AsyncTaskMiddleware
+from examples.wordcount.counting import word_count
 from examples.wordcount.worker import CORS, PROTECTION, celery_app
 
 
@@ -22,7 +23,7 @@ async def count_words(request: Request) -> JSONResponse:
         if not isinstance(text, UploadFile):
             return JSONResponse({"detail": "a file field 'text' is required"}, status_code=422)
         content = (await text.read()).decode()
-    return JSONResponse({"count": len(content.split())})
+    return JSONResponse({"count": word_count(content)})
 
 
 async def health(request: Request) -> JSONResponse:
