@@ -159,38 +159,28 @@ def test_amqp_without_publisher_confirms_refused() -> None:
         register_replay(celery, {"default": "x:y"})
 
 
-def test_worker_process_refuses_to_start(tmp_path: Path) -> None:
-    """The same check, as a user meets it: ``celery worker`` exits and says what to change."""
-    env = {
-        **os.environ,
-        "REDIS_URL": "redis://127.0.0.1:1/0",
-        "BROKER_URL": "",
-        "ATM_TEST_TIME_LIMIT": "3600",
-        "ATM_TEST_LEASES": "0",
-    }
+def refused_worker(**env: str) -> str:
+    """Start ``celery -A tests.worker worker`` with ``env``; assert it refuses to start and
+    return what it said."""
     result = subprocess.run(
         [sys.executable, "-m", "celery", "-A", "tests.worker", "worker"],
         cwd=ROOT,
-        env=env,
+        env={**os.environ, "REDIS_URL": "redis://127.0.0.1:1/0", "BROKER_URL": "", **env},
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode != 0
-    assert "visibility_timeout" in result.stderr + result.stdout
+    return result.stderr + result.stdout
+
+
+def test_worker_process_refuses_to_start() -> None:
+    """The same check, as a user meets it: ``celery worker`` exits and says what to change."""
+    said = refused_worker(ATM_TEST_TIME_LIMIT="3600", ATM_TEST_LEASES="0")
+    assert "visibility_timeout" in said
 
 
 def test_settings_are_checked_where_the_worker_starts() -> None:
     """A setting changed after ``register_replay`` (here, requests copied into results) still
     stops the worker, at its start."""
-    env = {**os.environ, "REDIS_URL": "redis://127.0.0.1:1/0", "ATM_TEST_LATE_EXTENDED": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "tests.worker", "worker"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode != 0
-    assert "result_extended" in result.stderr + result.stdout
+    assert "result_extended" in refused_worker(ATM_TEST_LATE_EXTENDED="1")
