@@ -40,7 +40,8 @@ from ._wire import check
 logger = logging.getLogger(__name__)
 
 _MiB = 1024 * 1024
-DEFAULT_TIME_LIMIT = 1800.0
+# 25 minutes: with its grace, under RabbitMQ's default consumer_timeout of 30.
+DEFAULT_TIME_LIMIT = 1500.0
 # RabbitMQ's default consumer_timeout: a delivery held longer is redelivered.
 AMQP_CONSUMER_TIMEOUT = 1800.0
 
@@ -79,7 +80,7 @@ def register_replay(
     The task is late-acknowledged and re-queued when its worker process dies, so a request
     may run more than once: endpoints on marked routes should be idempotent. A request whose
     worker dies ``max_attempts`` times (one that kills it, say) then fails with a 500 instead
-    of looping. ``time_limit`` (default: Celery's ``task_time_limit``, else 30 minutes) cancels
+    of looping. ``time_limit`` (default: Celery's ``task_time_limit``, else 25 minutes) cancels
     a replay in its own event loop and fails it, on every pool; a replay that blocks the loop
     past the limit plus a grace fails too, and its process is replaced (prefork) or its loop
     is (threads). With a Redis broker, ``leases`` (on by default, ``_lease``) keep a running

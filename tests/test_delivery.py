@@ -184,3 +184,10 @@ def test_settings_are_checked_where_the_worker_starts() -> None:
     """A setting changed after ``register_replay`` (here, requests copied into results) still
     stops the worker, at its start."""
     assert "result_extended" in refused_worker(ATM_TEST_LATE_EXTENDED="1")
+
+
+def test_the_defaults_fit_rabbitmq() -> None:
+    """With no time limit set, a RabbitMQ broker is accepted as it comes."""
+    celery = Celery("t", broker="amqp://guest:guest@127.0.0.1:1//", backend="redis://x/0")
+    celery.conf.broker_transport_options = {"confirm_publish": True}
+    register_replay(celery, {"default": "x:y"})

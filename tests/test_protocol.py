@@ -466,3 +466,23 @@ async def test_problem_types_on_the_wire(fresh_client: httpx.AsyncClient) -> Non
     assert response.json()["type"] == Problem.NOT_FOUND.type
     response = await fresh_client.put(f"/echo/{uuid.uuid4()}")
     assert response.json()["type"] == Problem.METHOD_NOT_ALLOWED.type
+
+
+async def test_event_stream_heartbeat(
+    private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A comment line keeps an idle stream open (every 15 s; 0.2 s here)."""
+    from async_task_middleware import _stream
+
+    monkeypatch.setattr(_stream, "HEARTBEAT", 0.2)
+    app = build_probe(own_celery(private_redis))  # no worker: the task stays queued
+    async with LifespanManager(app), make_client(app) as c:
+        location = await submit(c, "/echo", content=b"x")
+        lines: list[str] = []
+        with anyio.move_on_after(1.5):
+            async with c.stream("GET", location, headers={"accept": "text/event-stream"}) as r:
+                async for line in r.aiter_lines():
+                    lines.append(line)
+    assert lines[:2] == ["id: " + lines[0][4:], "event: status"]
+    assert '"status":"queued"' in lines[2]
+    assert lines.count(": keep-alive") >= 3

@@ -195,3 +195,26 @@ async def test_thousands_of_io_bound_replays_in_one_threads_worker(
         f"500 replays of a 1 s await: submitted in {submitted:.1f} s, all done in {elapsed:.1f} s"
     )
     assert elapsed < 30
+
+
+async def test_a_task_longer_than_the_result_lifetime_still_ends(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
+    """``result_expires`` 3 s, a task of 6 s: the record is renewed while the task runs, and
+    the result lives 3 s from completion, not from submission."""
+    worker = worker_on(
+        private_redis, tmp_path / "w.log", ATM_TEST_RESULT_EXPIRES="3", ATM_TEST_TIME_LIMIT="15"
+    ).start()
+    celery_app = Celery("runtime", broker=private_redis.url, backend=private_redis.url)
+    celery_app.conf.result_expires = 3
+    app = build_probe(celery_app)
+    try:
+        async with LifespanManager(app), make_client(app) as client:
+            location = await submit(client, "/slow?seconds=6")
+            response = await final(client, location, timeout=30)
+            assert response.status_code == 200
+            assert response.json() == {"slept": 6.0}
+            await anyio.sleep(4)
+            assert (await client.get(location)).status_code == 404  # 3 s after the end
+    finally:
+        worker.stop()
