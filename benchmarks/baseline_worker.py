@@ -20,7 +20,6 @@ def count_words(text: str) -> int:
     name="baseline.count_words_durable",
     acks_late=True,
     reject_on_worker_lost=True,
-    track_started=True,
 )
 def count_words_durable(text: str) -> int:
     """The same count with the replay's delivery settings: a fair measure of its overhead."""

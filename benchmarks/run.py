@@ -60,7 +60,7 @@ def _ms(value: str) -> float:
 
 
 def wrk(url: str, seconds: float, connections: int, script: str | None = None) -> Figure:
-    command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", url]
+    command = ["wrk", "-t2", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", url]
     if script:
         command[1:1] = ["-s", script]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
@@ -161,6 +161,11 @@ class Suite:
         app.conf.task_default_queue = "baseline"
         return app
 
+    def clear_queues(self) -> None:
+        self.r.delete("celery", "baseline", "ceiling-queue")
+        for key in self.r.scan_iter("async-task-middleware-queued-*"):
+            self.r.delete(key)
+
     def close(self) -> None:
         for worker in self.workers:
             worker.stop()
@@ -217,8 +222,9 @@ class Suite:
                     url, script = runs[name]
                     figure = wrk(url, self.seconds, self.connections, script)
                     samples.setdefault((case, name), []).append(figure)
-            # Queues fill up during submit runs with no worker: empty them between rounds.
-            self.r.delete("celery", "baseline", "ceiling-queue")
+                    # Queues fill up during submit runs with no worker: empty them (and the
+                    # route's queued set, or its cap would refuse the next run's submissions).
+                    self.clear_queues()
         results = []
         for case, runs in cases:
             medians = {}
@@ -342,17 +348,93 @@ class Suite:
             response = client.post("/words", files={"text": ("t.txt", TEXT.encode())})
             return str(response.headers["location"]).rsplit("/", 1)[1]
 
+        def via_wait() -> float:
+            """One request: ``Prefer: wait`` answers with the result itself."""
+            started = time.perf_counter()
+            response = client.post(
+                "/words", files={"text": ("t.txt", TEXT.encode())}, headers={"prefer": "wait=10"}
+            )
+            assert response.status_code == 200, response.status_code
+            return time.perf_counter() - started
+
         def via_celery() -> str:
             return str(baseline_celery.send_task("baseline.count_words", args=[TEXT]).id)
 
         results = {}
         worker = self.worker("examples.wordcount.worker")
         results["middleware"] = measure(via_middleware)
+        results["Prefer: wait"] = statistics.median(via_wait() for _ in range(count))
         worker.stop()
         worker = self.worker("benchmarks.baseline_worker")
         results["bare Celery"] = measure(via_celery)
         worker.stop()
         return results
+
+    def io_bound(self, count: int) -> dict[str, float]:
+        """``count`` replays of an endpoint that awaits 2 s, on one threads-pool worker process,
+        waited for with ``Prefer: wait`` long polls from one in-process web app."""
+        import anyio
+        from asgi_lifespan import LifespanManager
+
+        from async_task_middleware._store import CLIENT_NAME
+        from tests.apps import build_probe
+
+        self.r.flushdb()
+        worker = Worker(
+            "tests.worker",
+            {**self.env, "ATM_TEST_TIME_LIMIT": "120"},
+            self.tmp / f"io-{count}.log",
+            concurrency=count,
+            pool="threads",
+        ).start()
+        self.workers.append(worker)
+        app = build_probe(Celery("io", broker=self.redis.url, backend=self.redis.url))
+        figures: dict[str, float] = {}
+
+        async def run() -> None:
+            transport = httpx.ASGITransport(app=app)
+            async with (
+                LifespanManager(app),
+                httpx.AsyncClient(transport=transport, base_url="http://io", timeout=120) as c,
+            ):
+                started = time.monotonic()
+                locations = [
+                    (await c.post("/slow?seconds=2")).headers["location"] for _ in range(count)
+                ]
+                submitted = time.monotonic()
+                finished: list[float] = []
+                peak = 0
+
+                async def wait(location: str) -> None:
+                    response = await c.get(location, headers={"prefer": "wait=60"})
+                    while response.status_code == 202:
+                        response = await c.get(location, headers={"prefer": "wait=60"})
+                    assert response.status_code == 200, response.status_code
+                    finished.append(time.monotonic())
+
+                async def watch() -> None:
+                    nonlocal peak
+                    while len(finished) < count:
+                        names = [c["name"] for c in self.r.client_list()]
+                        peak = max(peak, names.count(CLIENT_NAME))
+                        figures["rss MiB"] = max(
+                            figures.get("rss MiB", 0.0),
+                            rss_kib(worker._proc.pid) / 1024,  # type: ignore[union-attr]
+                        )
+                        await anyio.sleep(0.2)
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(watch)
+                    for location in locations:
+                        tg.start_soon(wait, location)
+                figures["submitted"] = submitted - started
+                figures["last after submission"] = max(finished) - submitted
+                figures["connections"] = peak
+
+        anyio.run(run)
+        worker.stop()
+        self.workers.remove(worker)
+        return figures
 
     def web_rss(self, total: int) -> dict[str, float]:
         """RSS of the web process after warm-up and after ``total`` requests (submit + poll)."""
@@ -463,7 +545,7 @@ def _drain(suite: Suite, args: argparse.Namespace) -> None:
         f"drain of {args.drain} queued word counts: replay {drain['replay']:.0f}/s; "
         f"plain task {drain['plain task']:.0f}/s (ratio "
         f"{drain['replay'] / drain['plain task']:.2f}x); plain task with the replay's delivery "
-        f"settings (acks_late, track_started) {durable:.0f}/s (ratio "
+        f"settings (acks_late, reject_on_worker_lost) {durable:.0f}/s (ratio "
         f"{drain['replay'] / durable:.2f}x)",
         flush=True,
     )
@@ -479,9 +561,24 @@ def _trip(suite: Suite, args: argparse.Namespace) -> None:
     print(
         f"submit-to-result median: middleware {trip['middleware'] * 1e3:.1f} ms, "
         f"bare Celery {trip['bare Celery'] * 1e3:.1f} ms, "
-        f"ratio {trip['middleware'] / trip['bare Celery']:.2f}x",
+        f"ratio {trip['middleware'] / trip['bare Celery']:.2f}x; one request with Prefer: wait "
+        f"{trip['Prefer: wait'] * 1e3:.1f} ms, "
+        f"ratio {trip['Prefer: wait'] / trip['bare Celery']:.2f}x",
         flush=True,
     )
+
+
+def _io(suite: Suite, args: argparse.Namespace) -> None:
+    for count in args.io:
+        io = suite.io_bound(count)
+        print(
+            f"{count:,} replays of `await asyncio.sleep(2)` on one worker process "
+            f"(--pool threads -c {count}): submitted in {io['submitted']:.1f} s, the last final "
+            f"{io['last after submission']:.1f} s after the last submission; worker RSS "
+            f"{io['rss MiB']:.0f} MiB with them in flight; {count:,} long polls held "
+            f"{io['connections']:.0f} Redis connections in the web process",
+            flush=True,
+        )
 
 
 def _rss(suite: Suite, args: argparse.Namespace) -> None:
@@ -500,6 +597,7 @@ SECTIONS: dict[str, Callable[[Suite, argparse.Namespace], None]] = {
     "lag": _lag,
     "drain": _drain,
     "trip": _trip,
+    "io": _io,
     "rss": _rss,
 }
 
@@ -508,12 +606,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=3, help="per wrk run")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--io", type=int, nargs="*", default=[1000, 5000])
     parser.add_argument("--drain", type=int, default=5000)
     parser.add_argument("--rss-requests", type=int, default=100_000)
-    parser.add_argument(
-        "--only", choices=("throughput", "pass-through", "lag", "drain", "trip", "rss")
-    )
+    parser.add_argument("--only", choices=tuple(SECTIONS))
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is needed: apt-get install wrk")
@@ -528,7 +625,7 @@ def main() -> None:
     )
     print(f"machine: {os.cpu_count()} cores, {cpu}, Python {platform.python_version()}")
     print(
-        f"wrk: 1 thread, {args.connections} connections, {args.seconds:g} s a run, "
+        f"wrk: 2 threads, {args.connections} connections, {args.seconds:g} s a run, "
         f"{args.rounds} interleaved rounds, medians\n",
         flush=True,
     )
