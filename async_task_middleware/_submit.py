@@ -22,6 +22,7 @@ import anyio
 import anyio.to_thread
 
 from ._celery import TASK_NAME, Binding
+from ._events import Note
 from ._headers import BadIdempotencyKey, Prefer, idempotency_key, parse_prefer
 from ._policy import split_headers
 from ._responses import Problem, send_problem, send_response
@@ -182,14 +183,12 @@ def _wait(prefer: Prefer, route_wait: float | None, max_wait: float) -> int:
 @contextlib.asynccontextmanager
 async def _listening(
     store: TaskStore, binding: Binding, task_id: str, wait: int
-) -> AsyncIterator[Any]:
+) -> AsyncIterator[asyncio.Queue[Note] | None]:
     """The task's subscription, opened before the task exists, so that no note is missed."""
     if not wait:
         yield None
         return
-    channel = binding.events_channel(task_id)
-    notes: Any
-    async with store.events.listen(channel, 1.0) as notes:
+    async with store.events.listen(binding.events_channel(task_id), 1.0) as notes:
         yield notes
 
 
