@@ -2,8 +2,8 @@
 
 The task counts deliveries and checks the submission record before it runs (``BEGIN``), opens
 the sealed headers, hands the replay to this process's event loop (``_loop``) under the time
-limit, beats while it runs (``BEAT``: the heartbeat that tells "running" from "retrying", and
-the check that stops a deleted task), and stores the outcome ready to send (``FINISH``).
+limit, lets the process's beater (``_beat``) keep its heartbeat and stop it when deleted, and
+stores the outcome ready to send (``FINISH``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import importlib
 import logging
 import os
 import threading
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +22,7 @@ from celery.exceptions import Ignore
 from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from . import _consumer, _scripts
+from ._beat import process_beater
 from ._celery import (
     HARD_LIMIT_GRACE,
     TASK_NAME,
@@ -105,7 +105,7 @@ def register_replay(
     )
     heartbeat_ms = int(max(5.0, 4 * cancel_check_interval) * 1000)
     registry = _Apps(apps)
-    scripts: dict[int, tuple[Any, Any, Any]] = {}
+    scripts: dict[int, tuple[Any, Any]] = {}
     _watch_worker(celery_app, leases)
 
     def run(task: Task, envelope: Any) -> dict[str, Any]:
@@ -114,10 +114,9 @@ def register_replay(
         if id(store) not in scripts:
             scripts[id(store)] = (
                 store.register_script(_scripts.BEGIN),
-                store.register_script(_scripts.BEAT),
                 store.register_script(_scripts.FINISH),
             )
-        begin, beat, finish = scripts[id(store)]
+        begin, finish = scripts[id(store)]
         record_key, heartbeat_key = binding.record_key(task_id), binding.heartbeat_key(task_id)
         check(envelope)  # a foreign or damaged message fails here, stored as its failure
         owner_set = binding.owner_set_key(envelope.get("owner"))
@@ -165,27 +164,28 @@ def register_replay(
                 store.publish(channel, b"progress")
 
             coro = replay(app, envelope, headers, max_response_size, lifespan_timeout)
-            started = time.monotonic()
             limit = _route_limit(envelope, soft_limit)
             future = process_loop().run(coro, progress, limit)
+            beater = process_beater(store, binding, cancel_check_interval, heartbeat_ms)
+            beat = beater.add(task_id, future)
             try:
-                while True:
-                    try:
-                        packed = future.result(timeout=cancel_check_interval)
-                        break
-                    except concurrent.futures.TimeoutError:
-                        if not beat(
-                            keys=[record_key, heartbeat_key], args=[binding.expires, heartbeat_ms]
-                        ):
-                            future.cancel()
-                            drop()
-                        if time.monotonic() - started > limit + HARD_LIMIT_GRACE / 2:
-                            raise LoopBlocked(
-                                f"the replay did not stop within its {limit:g} s limit"
-                            ) from None
-            except BaseException:
-                future.cancel()  # a worker shutdown, a limit: stop the replay too
+                # One wait: the beater stops a deleted task, the loop's own limit a long one;
+                # a replay still running past both has blocked its loop.
+                packed = future.result(timeout=limit + HARD_LIMIT_GRACE / 2)
+            except concurrent.futures.CancelledError:
+                if beat.cancelled:
+                    drop()
                 raise
+            except TimeoutError:
+                if future.done():
+                    raise  # the endpoint's own TimeoutError: a failure like any other
+                future.cancel()
+                raise LoopBlocked(f"the replay did not stop within its {limit:g} s limit") from None
+            except BaseException:
+                future.cancel()  # a worker shutdown: stop the replay too
+                raise
+            finally:
+                beater.remove(task_id)
         except Ignore:
             raise
         except LoopBlocked as exc:
