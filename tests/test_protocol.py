@@ -334,36 +334,45 @@ async def test_a_thousand_long_polls_hold_a_handful_of_connections(
         assert max(times) - min(times) < 1.0
 
 
+async def get_then_leave(
+    app: Any, location: str, header: tuple[bytes, bytes], seconds: float
+) -> list[dict[str, Any]]:
+    """A raw ASGI GET whose client leaves after ``seconds``; what the app sent. (httpx's
+    in-process transport hands over a body only once it is whole.)"""
+    sent: list[dict[str, Any]] = []
+    calls = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await anyio.sleep(seconds)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": location,
+        "root_path": "",
+        "query_string": b"",
+        "headers": [header],
+    }
+    with anyio.fail_after(seconds + 3):
+        await app(scope, receive, send)
+    return sent
+
+
 async def test_a_waiter_that_leaves_frees_its_subscription(private_redis: RedisServer) -> None:
     app = build_probe(own_celery(private_redis))  # no worker: the task stays queued
     async with LifespanManager(app), make_client(app) as c:
         location = await submit(c, "/echo", content=b"x")
     async with LifespanManager(app):
-        sent: list[Any] = []
-        calls = 0
-
-        async def receive() -> dict[str, Any]:
-            nonlocal calls
-            calls += 1
-            if calls == 1:
-                return {"type": "http.request", "body": b"", "more_body": False}
-            await anyio.sleep(0.3)
-            return {"type": "http.disconnect"}
-
-        async def send(message: Any) -> None:
-            sent.append(message)
-
-        scope = {
-            "type": "http",
-            "method": "GET",
-            "path": location,
-            "root_path": "",
-            "query_string": b"",
-            "headers": [(b"prefer", b"wait=30")],
-        }
         started = time.monotonic()
-        with anyio.fail_after(5):
-            await app(scope, receive, send)
+        sent = await get_then_leave(app, location, (b"prefer", b"wait=30"), 0.3)
         assert time.monotonic() - started < 2
         assert sent == []  # no one to answer
         middleware = app.middleware_stack
@@ -472,38 +481,15 @@ async def test_event_stream_heartbeat(
     private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A comment line keeps an idle stream open (every 15 s; 0.2 s here), until the client
-    leaves. Raw ASGI: httpx's in-process transport hands over a body only once it is whole."""
+    leaves."""
     from async_task_middleware import _stream
 
     monkeypatch.setattr(_stream, "HEARTBEAT", 0.2)
     app = build_probe(own_celery(private_redis))  # no worker: the task stays queued
     async with LifespanManager(app), make_client(app) as c:
         location = await submit(c, "/echo", content=b"x")
-    sent: list[dict[str, Any]] = []
-    calls = 0
-
-    async def receive() -> dict[str, Any]:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await anyio.sleep(1.5)
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "method": "GET",
-        "path": location,
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"accept", b"text/event-stream")],
-    }
     async with LifespanManager(app):
-        with anyio.fail_after(5):
-            await app(scope, receive, send)
+        sent = await get_then_leave(app, location, (b"accept", b"text/event-stream"), 1.5)
     assert sent[0]["status"] == 200
     text = b"".join(m.get("body", b"") for m in sent[1:]).decode()
     assert text.startswith("id: ")
