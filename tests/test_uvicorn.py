@@ -120,7 +120,7 @@ async def test_concurrent_large_bodies_cost_about_twice_their_size(
     growth = (peak - before) * 1024
     total = count * len(text)
     print(
-        f"web RSS peak growth for {count} x {len(text) >> 20} MiB bodies: "
+        f"web RSS peak growth for {count} x {len(text) / 2**20:.1f} MiB bodies: "
         f"{growth / total:.2f}x their total size"
     )
     assert growth < 2.5 * total, f"{growth / total:.2f}x"
