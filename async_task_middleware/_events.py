@@ -114,8 +114,6 @@ class Subscriptions:
         except (RedisError, OSError) as exc:
             logger.warning("subscription lost: %s", type(exc).__name__)
             self._lost()
-        except asyncio.CancelledError:
-            raise
 
     def _lost(self) -> None:
         """Every listener falls back to its deadline; the next one subscribes anew."""

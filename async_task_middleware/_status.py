@@ -78,6 +78,8 @@ async def status(
             if state.record is None or not may_see(state.record, tags):
                 await send_problem(send, Problem.NOT_FOUND, instance)
                 return
+            # The stream reads the state again once subscribed: a change between this check
+            # of ownership and the subscription would otherwise never be sent.
             channel = binding.events_channel(task_id)
             await stream_events(store, channel, task_id, instance, scope, receive, send)
             return

@@ -279,8 +279,8 @@ class TaskStore:
             for future in batch.values():
                 if not future.done():
                     future.set_exception(StoreUnavailable(str(exc)))
-            if not isinstance(exc, StoreUnavailable | Exception):
-                raise
+            if not isinstance(exc, Exception):
+                raise  # a cancellation goes on up
             return
         for future, state in zip(batch.values(), states, strict=True):
             if not future.done():

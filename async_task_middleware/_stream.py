@@ -45,7 +45,7 @@ def _event(kind: str, data: dict[str, Any]) -> tuple[bytes, bytes]:
     return event_id, b"id: %s\nevent: %s\ndata: %s\n\n" % (event_id, kind.encode(), payload)
 
 
-def _final(state: TaskState, task_id: str, location: str) -> bytes:
+def _final(state: TaskState, location: str) -> bytes:
     if state.record is None:
         return _event("failed", {"status": 404, "location": location})[1]  # deleted meanwhile
     if state.failed:
@@ -91,7 +91,7 @@ async def stream_events(
                 while True:
                     state = await store.read_batched(task_id)
                     if state.final:
-                        await emit(_final(state, task_id, location), more=False)
+                        await emit(_final(state, location), more=False)
                         return
                     event_id, chunk = _event("status", state.summary(task_id))
                     if event_id != last_sent:

@@ -98,11 +98,17 @@ async def submit(client: httpx.AsyncClient, url: str, **kwargs) -> str:  # type:
     return location
 
 
-async def final(client: httpx.AsyncClient, location: str, timeout: float = 30) -> httpx.Response:
-    """Poll the status URL until it is no longer 202."""
+async def final(
+    client: httpx.AsyncClient,
+    location: str,
+    timeout: float = 30,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
+    """Poll the status URL (with ``headers``: an owner's credentials, say) until it is no
+    longer 202."""
     with anyio.fail_after(timeout):
         while True:
-            response = await client.get(location)
+            response = await client.get(location, headers=headers)
             if response.status_code != 202:
                 return response
             assert int(response.headers["retry-after"]) >= 1

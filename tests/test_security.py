@@ -77,20 +77,9 @@ async def test_auth_middleware_in_front_refuses_before_anything_is_enqueued(
         assert set(task_keys(os.environ["REDIS_URL"])) == before  # nothing enqueued
         location = await submit(client, "/echo", content=b"x", headers={"authorization": LET_IN})
         assert (await client.get(location)).status_code == 401  # status URLs too
-        response = await _final_with(client, location, {"authorization": LET_IN})
+        response = await final(client, location, headers={"authorization": LET_IN})
     assert response.status_code == 200
     assert ["authorization", LET_IN] in response.json()["headers"]  # replayed, from the seal
-
-
-async def _final_with(
-    client: httpx.AsyncClient, location: str, headers: dict[str, str], timeout: float = 30
-) -> httpx.Response:
-    with anyio.fail_after(timeout):
-        while True:
-            response = await client.get(location, headers=headers)
-            if response.status_code != 202:
-                return response
-            await anyio.sleep(0.05)
 
 
 async def test_cors_in_front_answers_on_the_marked_route_and_the_status_url(
@@ -107,7 +96,7 @@ async def test_cors_in_front_answers_on_the_marked_route_and_the_status_url(
     assert submitted.status_code == 303
     assert submitted.headers["access-control-allow-origin"] == ORIGIN
     assert "location" in submitted.headers["access-control-expose-headers"].lower()
-    response = await _final_with(client, submitted.headers["location"], origin)
+    response = await final(client, submitted.headers["location"], headers=origin)
     assert response.status_code == 200
     assert response.headers["access-control-allow-origin"] == ORIGIN
 
@@ -131,7 +120,7 @@ async def test_authorize_hook_runs_before_enqueueing_and_on_status_urls(worker: 
         location = await submit(client, "/echo", content=b"x", headers={"authorization": LET_IN})
         assert (await client.get(location)).status_code == 401
         assert (await client.delete(location)).status_code == 401
-        assert (await _final_with(client, location, {"authorization": LET_IN})).status_code == 200
+        assert (await final(client, location, headers={"authorization": LET_IN})).status_code == 200
     assert calls[:2] == ["POST", "POST"]
     assert "DELETE" in calls
 
@@ -142,7 +131,7 @@ async def test_authorize_hook_runs_before_enqueueing_and_on_status_urls(worker: 
 async def test_only_the_owner_sees_or_deletes_a_task(client: httpx.AsyncClient) -> None:
     alice, bob = {"authorization": "Bearer alice"}, {"authorization": "Bearer bob"}
     location = await submit(client, "/words", headers=alice, **wordcount_files())
-    done = await _final_with(client, location, alice)
+    done = await final(client, location, headers=alice)
     assert done.status_code == 200
     assert done.json() == {"count": 3}
     assert done.headers["cache-control"] == "private, no-store"
