@@ -52,6 +52,10 @@ class Tally:
     done: int = 0
     failed: int = 0
     lost: int = 0
+    # Of the lost: messages Redis dropped when it was killed between kombu's BRPOP and its
+    # unacked write (the record is there, no worker began it, no copy of the message is left).
+    # A known gap of kombu's Redis transport, not yet closed by this library: reported apart.
+    broker_gap: int = 0
     reruns: int = 0
     wrong: int = 0
     seconds: float = 0.0
@@ -63,14 +67,14 @@ class Tally:
         return (
             f"| {self.scenario} | {self.broker} | {self.submitted} | {self.accepted} | "
             f"{self.refused} | {self.done} | {self.failed} | {self.lost} | {self.reruns} | "
-            f"{self.wrong} | {recovery} | {self.seconds:.0f} |"
+            f"{self.wrong} | {self.broker_gap} | {recovery} | {self.seconds:.0f} |"
         )
 
 
 HEADER = (
     "| scenario | broker | submitted | 303 | 503 | 200 | 500 | lost | re-runs | wrong "
-    "| recovery s | s |\n"
-    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    "| of the lost, BRPOP gap | recovery s | s |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 )
 
 
@@ -239,6 +243,8 @@ async def run(scenario: str, broker: str, count: int, workdir: Path) -> Tally:
         for i, response in outcomes.items():
             if response is None:
                 tally.lost += 1
+                task_id = tally.locations[i].rsplit("/", 1)[1]
+                tally.broker_gap += dropped_by_broker(ledger, task_id)
             elif response.status_code == 200:
                 tally.done += 1
                 key = response.json()["marked"]
@@ -257,6 +263,19 @@ async def run(scenario: str, broker: str, count: int, workdir: Path) -> Tally:
         rig.redis.stop()
     tally.seconds = time.monotonic() - started
     return tally
+
+
+def dropped_by_broker(client: redis.Redis, task_id: str) -> bool:
+    """A lost task whose record is there, that no worker ever began, and whose message is in
+    neither the queue nor kombu's unacked hash: Redis was killed after kombu's BRPOP took the
+    message and before kombu wrote it to the unacked hash."""
+    if not client.exists(f"async-task-middleware-{task_id}"):
+        return False
+    if client.exists(f"async-task-middleware-attempts-{task_id}"):
+        return False
+    needle = task_id.encode()
+    held = [*client.lrange("celery", 0, -1), *client.hvals("unacked")]
+    return not any(needle in message for message in held)
 
 
 async def collect(
