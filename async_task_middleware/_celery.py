@@ -9,23 +9,30 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
+from redis.exceptions import RedisError
 
+from ._deployment import (
+    CLUSTER_REFUSED,
+    backend_deployment,
+    broker_deployment,
+    is_cluster,
+    is_redis_backend,
+)
+from ._errors import ConfigurationError as ConfigurationError
 from ._wire import body_base64
+
+logger = logging.getLogger(__name__)
 
 TASK_NAME = "async_task_middleware.replay"
 #: The replay's hard time limit is its soft limit plus this: time to cancel cleanly first.
 HARD_LIMIT_GRACE = 10.0
-_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 _AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://")
-
-
-class ConfigurationError(ValueError):
-    """A setting of the middleware or of the Celery app that the protocol cannot work with."""
 
 
 def check_serializers(celery_app: Celery) -> None:
@@ -76,7 +83,7 @@ def hard_time_limit(
     """
     hard_limit = soft_limit + HARD_LIMIT_GRACE
     conf = celery_app.conf
-    if _is_redis(conf.broker_url):
+    if broker_deployment(celery_app) is not None:
         if leases:
             return hard_limit
         visibility = (conf.broker_transport_options or {}).get("visibility_timeout", 3600)
@@ -99,6 +106,40 @@ def hard_time_limit(
     return hard_limit
 
 
+#: The broker's socket timeouts when the app sets none: with none, a publish or a worker's
+#: fetch waits forever on a frozen Redis master (kombu's default).
+BROKER_SOCKET_TIMEOUT = 5.0
+
+
+def survive_failover(celery_app: Celery) -> None:
+    """Celery settings without which a Redis restart or a Sentinel failover fails or hangs work.
+
+    ``result_backend_always_retry``: Celery stores a result again instead of failing a task
+    whose endpoint has finished, when the write meets the failover. Broker socket timeouts,
+    unless the app sets its own: a frozen master is then a timeout kombu recovers from.
+    """
+    conf = celery_app.conf
+    conf.result_backend_always_retry = True
+    if broker_deployment(celery_app) is not None:
+        options = dict(conf.broker_transport_options or {})
+        options.setdefault("socket_timeout", BROKER_SOCKET_TIMEOUT)
+        options.setdefault("socket_connect_timeout", BROKER_SOCKET_TIMEOUT)
+        conf.broker_transport_options = options
+
+
+def refuse_cluster(celery_app: Celery) -> None:
+    """Ask the result backend's Redis, once at the worker's start, whether it is a cluster node
+    (blocking: the worker has no event loop to spare yet). An unreachable Redis is not
+    refused: the worker waits for it as Celery does."""
+    try:
+        info = celery_app.backend.client.info("cluster")
+    except RedisError as exc:
+        logger.warning("could not ask Redis whether it is a cluster: %s", type(exc).__name__)
+        return
+    if is_cluster(info):
+        raise ConfigurationError(CLUSTER_REFUSED)
+
+
 def _check_confirms(conf: Any) -> None:
     url = conf.broker_url or "amqp://"
     if url.startswith(_AMQP_SCHEMES) and not (conf.broker_transport_options or {}).get(
@@ -110,16 +151,11 @@ def _check_confirms(conf: Any) -> None:
         )
 
 
-def _is_redis(url: Any) -> bool:
-    return isinstance(url, str) and url.startswith(_REDIS_SCHEMES)
-
-
 @dataclass(frozen=True, slots=True)
 class Binding:
     """The facts about one Celery app that every request needs, computed once."""
 
     celery_app: Celery
-    redis_url: str
     meta_prefix: bytes
     record_prefix: bytes
     expires: int
@@ -133,26 +169,24 @@ class Binding:
         check_serializers(celery_app)
         conf = celery_app.conf
         _check_confirms(conf)
-        url = conf.result_backend
-        if not _is_redis(url):
+        if not is_redis_backend(celery_app):
             raise ConfigurationError(
-                f"the result backend {url!r} is not Redis: set the Celery setting "
-                "result_backend to a redis:// URL"
+                f"the result backend {conf.result_backend!r} is not Redis: set the Celery "
+                "setting result_backend to a redis://, rediss:// or sentinel:// URL"
             )
         backend_prefix = celery_app.backend.get_key_for_task("-")[:-1]
         global_prefix = (conf.result_backend_transport_options or {}).get("global_keyprefix", "")
         return cls(
             celery_app=celery_app,
-            redis_url=url,
             meta_prefix=backend_prefix,
             record_prefix=f"{global_prefix}async-task-middleware-".encode(),
             expires=expires_seconds(celery_app),
-            fast_queue=_fast_queue(celery_app, url),
+            fast_queue=_fast_queue(celery_app),
         )
 
     @staticmethod
     def is_redis_broker(celery_app: Celery) -> bool:
-        return _is_redis(celery_app.conf.broker_url)
+        return broker_deployment(celery_app) is not None
 
     def meta_key(self, task_id: str) -> bytes:
         return self.meta_prefix + task_id.encode()
@@ -238,15 +272,16 @@ class Binding:
         return out
 
 
-def _fast_queue(celery_app: Celery, redis_url: str) -> str | None:
+def _fast_queue(celery_app: Celery) -> str | None:
     """The queue to push to natively, or None when a setting needs Celery's own publish path.
 
     The native push shares one Redis script with the submission record, so it is only taken when
-    the broker is that very Redis and nothing Celery would do on publish is lost: no key
-    prefix, no priority, a plain queue from the router.
+    the broker is that very Redis deployment (``_deployment``: the same servers, database and
+    Sentinel service, however the URLs are spelled) and nothing Celery would do on publish is
+    lost: no key prefix, no priority, a plain queue from the router.
     """
     conf = celery_app.conf
-    if conf.broker_url != redis_url or not _is_redis(conf.broker_url):
+    if broker_deployment(celery_app) != backend_deployment(celery_app):
         return None
     if (conf.broker_transport_options or {}).get("global_keyprefix"):
         return None

@@ -20,9 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
 
-import redis
 from celery import Celery
 from celery.worker import state as worker_state
 
@@ -51,15 +49,13 @@ class LeaseKeeper(threading.Thread):
 
     def __init__(self, celery_app: Celery) -> None:
         super().__init__(name="async-task-middleware-leases", daemon=True)
-        conf = celery_app.conf
-        options = conf.broker_transport_options or {}
+        options = celery_app.conf.broker_transport_options or {}
         self.interval = visibility_timeout(celery_app) / 4
-        prefix = options.get("global_keyprefix", "")
-        self.index_key = prefix + options.get("unacked_index_key", "unacked_index")
-        timeout = min(self.interval, 5.0)
-        self._client: Any = redis.Redis.from_url(
-            conf.broker_url, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
+        # kombu's own client adds any global_keyprefix to the key by itself.
+        self.index_key = options.get("unacked_index_key", "unacked_index")
+        # The broker as kombu connects to it (Sentinel, TLS, user, its socket timeouts):
+        # whatever reaches the unacked index reaches it here too.
+        self._connection = celery_app.connection_for_write()
         self._stopped = threading.Event()
 
     def renew(self) -> int:
@@ -68,16 +64,18 @@ class LeaseKeeper(threading.Thread):
         if not tags:
             return 0
         now = time.time()
-        # XX: only entries that exist; a message acknowledged meanwhile is not brought back.
-        renewed: int = self._client.zadd(self.index_key, dict.fromkeys(tags, now), xx=True, ch=True)
+        with self._connection.default_channel.conn_or_acquire() as client:
+            # XX: only entries that exist; a message acknowledged meanwhile is not brought back.
+            renewed: int = client.zadd(self.index_key, dict.fromkeys(tags, now), xx=True, ch=True)
         return renewed
 
     def run(self) -> None:
         while not self._stopped.wait(self.interval):
             try:
                 self.renew()
-            except redis.RedisError as exc:
-                # The next round tries again; kombu reconnects the worker itself.
+            except Exception as exc:
+                # The next round tries again (kombu reconnects: a restart, a failover); the
+                # worker's own consumer is not touched.
                 logger.warning("leases not renewed: %s", type(exc).__name__)
 
     def stop(self) -> None:

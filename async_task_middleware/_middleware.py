@@ -9,7 +9,8 @@ from collections.abc import Iterable, Mapping
 
 from celery import Celery
 
-from ._celery import Binding, ConfigurationError
+from ._celery import Binding, ConfigurationError, survive_failover
+from ._deployment import CLUSTER_REFUSED
 from ._policy import Owner, SecretKey
 from ._routes import Authorize, Route, RouteTable, Submit
 from ._settings import Settings
@@ -114,6 +115,7 @@ class AsyncTaskMiddleware:
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(str(exc)) from None
         self._binding = Binding.of(celery_app)
+        survive_failover(celery_app)
         # Redis connections belong to the event loop that opened them; a process normally has
         # one loop, tests and embedded servers may have several.
         self._stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TaskStore] = (
@@ -134,14 +136,19 @@ class AsyncTaskMiddleware:
                         await status(*args, target)
                     return
         elif scope["type"] == "lifespan":
-            send = self._closing_on_shutdown(send)
+            send = self._lifespan_send(send)
         await self.app(scope, receive, send)
 
-    def _closing_on_shutdown(self, send: Send) -> Send:
-        """The lifespan's ``send``, closing this loop's Redis connections as the app stops."""
+    def _lifespan_send(self, send: Send) -> Send:
+        """The lifespan's ``send``: the app does not start on a Redis Cluster (the first request
+        would fail), and this loop's Redis connections close as the app stops."""
 
         async def send_closing(message: Message) -> None:
-            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+            if message["type"] == "lifespan.startup.complete":
+                if await self._store().is_cluster():
+                    logger.critical("refusing to start: %s", CLUSTER_REFUSED)
+                    message = {"type": "lifespan.startup.failed", "message": CLUSTER_REFUSED}
+            elif message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 store = self._stores.pop(asyncio.get_running_loop(), None)
                 if store is not None:
                     await store.aclose()

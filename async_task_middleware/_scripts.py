@@ -31,7 +31,11 @@ from __future__ import annotations
 #    request
 # A script that reaches Redis after its deadline (it waited in a socket while Redis was frozen)
 # does nothing: by then the web side has answered 503, and a 503 must have promised nothing.
+# A record that exists already is this submission's own, written by an earlier try whose answer
+# was lost with its connection (a failover): it is accepted, and nothing is written twice, so
+# the web side may run the script again until its deadline.
 SUBMIT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {1} end
 local clock = redis.call('TIME')
 if tonumber(clock[1]) + tonumber(clock[2]) / 1000000 > tonumber(ARGV[8]) then return {0} end
 if redis.call('EXISTS', KEYS[3]) == 1 then return {0} end
@@ -113,17 +117,20 @@ return 1
 
 # The worker, before a replay: count the delivery, leave the route's queued set, start the
 # heartbeat, and give the record its full lifetime again (a task may wait long in the queue).
+# The heartbeat's first value is the delivery's own token: a BEGIN run again for the same
+# delivery (its answer was lost with the connection, in a failover) counts nothing twice.
 # KEYS: record, attempts, queued set, result, heartbeat
-# ARGV: lifetime, task id, heartbeat lifetime (ms), events channel
+# ARGV: lifetime, task id, heartbeat lifetime (ms), events channel, delivery token
 # -> the attempt number; 0 when the record is gone (deleted, expired, refused); -1 when the
 #    task already has its outcome (a redelivery after its worker stored it, then died)
 BEGIN = """
 if redis.call('EXISTS', KEYS[4]) == 1 then return -1 end
 if redis.call('EXPIRE', KEYS[1], ARGV[1]) == 0 then return 0 end
+if redis.call('GET', KEYS[5]) == ARGV[5] then return tonumber(redis.call('GET', KEYS[2])) end
 local n = redis.call('INCR', KEYS[2])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[2])
-redis.call('SET', KEYS[5], '1', 'PX', ARGV[3])
+redis.call('SET', KEYS[5], ARGV[5], 'PX', ARGV[3])
 redis.call('PUBLISH', ARGV[4], 'running')
 return n
 """

@@ -16,11 +16,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, cast
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as LostConnection
 from redis.exceptions import RedisError
 
 from . import _scripts
 from ._celery import Binding
+from ._deployment import backend_pool, is_cluster
 from ._events import Subscriptions
 from ._scripts import FAILED
 
@@ -118,19 +121,30 @@ _REPLY_MARGIN = 0.25
 _CLOCK_SYNC_INTERVAL = 60.0
 
 
+async def _again(script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
+    """Run an idempotent script, again while the connection fails: a Redis restarting, or a
+    Sentinel failover under way (no master known yet, or the old one now a replica). The
+    caller's deadline ends the tries."""
+    delay = 0.02
+    while True:
+        try:
+            return await script(keys=keys, args=args)
+        except LostConnection:
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 0.5)
+
+
 class TaskStore:
     def __init__(self, binding: Binding, *, timeout: float, max_connections: int) -> None:
         self._binding = binding
         self._timeout = timeout
         self._clock_offset = 0.0
         self._clock_synced = -_CLOCK_SYNC_INTERVAL
-        pool = BlockingConnectionPool.from_url(
-            binding.redis_url,
+        # Waiting for a free connection counts against the deadline too.
+        pool = backend_pool(
+            binding.celery_app,
             max_connections=max_connections,
-            timeout=timeout,  # waiting for a free connection counts against the deadline too
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            # Named, so that an operator's CLIENT LIST tells the web side's connections apart.
+            timeout=timeout,
             client_name=CLIENT_NAME,
         )
         self._redis = Redis(connection_pool=pool)
@@ -185,9 +199,18 @@ class TaskStore:
             sub.fingerprint,
         ]
         async with self._deadline(timeout):
-            answer = await self._submit(keys=keys, args=args)
+            answer = await _again(self._submit, keys, args)
         outcome = Outcome(answer[0])
         return outcome, answer[1].decode() if outcome is Outcome.DUPLICATE else sub.task_id
+
+    async def is_cluster(self) -> bool:
+        """Whether the Redis is a cluster node; an unreachable Redis is not refused (it may
+        come up later: requests meanwhile are 503)."""
+        try:
+            async with self._deadline():
+                return is_cluster(await self._redis.info("cluster"))
+        except StoreUnavailable:
+            return False
 
     async def _sync_clock(self) -> None:
         """Learn how far Redis's clock is from this host's (to the round trip's precision),
@@ -214,7 +237,7 @@ class TaskStore:
             sub.idempotency_key or b"",
         ]
         async with self._deadline():
-            return bool(await self._retract(keys=keys, args=[sub.task_id, b.expires]))
+            return bool(await _again(self._retract, keys, [sub.task_id, b.expires]))
 
     def _keys(self, task_id: str) -> list[bytes]:
         b = self._binding
@@ -299,7 +322,7 @@ class TaskStore:
             b.heartbeat_key(task_id),
         ]
         async with self._deadline():
-            return bool(await self._delete(keys=keys, args=[b.record_prefix, task_id, *owners]))
+            return bool(await _again(self._delete, keys, [b.record_prefix, task_id, *owners]))
 
     @contextlib.asynccontextmanager
     async def _deadline(self, seconds: float | None = None) -> AsyncIterator[None]:

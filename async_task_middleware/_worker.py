@@ -13,6 +13,7 @@ import importlib
 import logging
 import os
 import threading
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,7 +30,10 @@ from ._celery import (
     Binding,
     ConfigurationError,
     hard_time_limit,
+    refuse_cluster,
+    survive_failover,
 )
+from ._deployment import again
 from ._lease import LeaseKeeper
 from ._loop import ReplayTimeLimit, process_loop, replace_process_loop
 from ._policy import Keys, SecretKey, join_headers
@@ -97,6 +101,7 @@ def register_replay(
     except ValueError as exc:
         raise ConfigurationError(str(exc)) from None
     binding = Binding.of(celery_app)
+    survive_failover(celery_app)
     if celery_app.conf.worker_consumer in (None, _consumer.DEFAULT):
         celery_app.conf.worker_consumer = _consumer.PATH
     soft_limit = float(time_limit or celery_app.conf.task_time_limit or DEFAULT_TIME_LIMIT)
@@ -123,27 +128,29 @@ def register_replay(
 
         def drop() -> None:
             # Deleted, expired, or never fully submitted: nothing runs, nothing is stored.
-            store.delete(binding.meta_key(task_id), binding.attempts_key(task_id), heartbeat_key)
+            stale = (binding.meta_key(task_id), binding.attempts_key(task_id), heartbeat_key)
+            again(lambda: store.delete(*stale), "dropping a task")
             logger.info("task %s dropped: its submission record is gone", task_id)
             raise Ignore()
 
         channel = binding.events_channel(task_id)
 
         def finished(outcome: bytes) -> bool:
-            keys = [record_key, binding.result_key(task_id), owner_set, heartbeat_key]
-            return bool(finish(keys=keys, args=[outcome, binding.expires, task_id, channel]))
+            ends = [record_key, binding.result_key(task_id), owner_set, heartbeat_key]
+            values = [outcome, binding.expires, task_id, channel]
+            return bool(again(lambda: finish(keys=ends, args=values), "storing an outcome"))
 
         queued_set = binding.queued_set_key(str(envelope.get("app")), str(envelope.get("route")))
-        attempts = begin(
-            keys=[
-                record_key,
-                binding.attempts_key(task_id),
-                queued_set,
-                binding.result_key(task_id),
-                heartbeat_key,
-            ],
-            args=[binding.expires, task_id, heartbeat_ms, channel],
-        )
+        starts = [
+            record_key,
+            binding.attempts_key(task_id),
+            queued_set,
+            binding.result_key(task_id),
+            heartbeat_key,
+        ]
+        token = uuid.uuid4().hex  # this delivery's: a BEGIN tried again counts it once
+        values = [binding.expires, task_id, heartbeat_ms, channel, token]
+        attempts = again(lambda: begin(keys=starts, args=values), "beginning a task")
         if attempts == -1:
             logger.info("task %s already has its outcome: not run again", task_id)
             raise Ignore()
@@ -247,6 +254,7 @@ def _watch_worker(celery_app: Celery, leases: bool) -> None:
         if getattr(sender, "app", None) is celery_app:
             try:
                 Binding.of(celery_app)
+                refuse_cluster(celery_app)
             except ConfigurationError as exc:
                 logger.critical("refusing to start: %s", exc)
                 raise SystemExit(f"async-task-middleware: {exc}") from None
