@@ -109,6 +109,11 @@ def _db(value: Any) -> int:
 class _BlockingSentinelPool(redis.asyncio.BlockingConnectionPool, SentinelConnectionPool):
     """Sentinel's master discovery with the blocking pool's bounded wait for a connection."""
 
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        await super().disconnect(inuse_connections)
+        if inuse_connections:  # closing for good, not re-pointing at a new master
+            await self.sentinel_manager.aclose()
+
 
 def backend_pool(
     celery_app: Celery, *, max_connections: int, timeout: float, client_name: str

@@ -61,6 +61,10 @@ class AsyncTaskMiddleware:
     - ``retry_after``: whole seconds a client is told to wait between polls (the base: older
       tasks get longer, see ``_status.retry_after``). 1.
     - ``max_connections``: Redis connections per event loop; callers wait for a free one. 64.
+    - ``replicas``: with a replicated Redis (Sentinel), a 303 only once this many replicas
+      have the task too (Redis's ``WAIT``, within ``publish_timeout``; fewer is a 503 and the
+      task is taken back): a master that dies right after the 303 then loses nothing. It costs
+      the replication round trip on every submission. None: the master's word is enough.
     - ``debug``: put the exception type and message of a failed task in its 500. False.
     """
 
@@ -86,6 +90,7 @@ class AsyncTaskMiddleware:
         read_timeout: float = 2.0,
         retry_after: int = 1,
         max_connections: int = 64,
+        replicas: int | None = None,
         debug: bool = False,
     ) -> None:
         self.app = app
@@ -106,6 +111,7 @@ class AsyncTaskMiddleware:
             max_wait=max_wait,
             submit_status=submit_status,
             location_base=location_base,
+            replicas=replicas,
         )
         if authorize is not None and not callable(authorize):
             raise ConfigurationError(f"authorize={authorize!r}: it must be a function of the scope")

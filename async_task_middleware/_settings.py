@@ -49,6 +49,7 @@ class Settings:
     max_wait: float
     submit_status: int
     location_base: str | None
+    replicas: int | None
 
     @classmethod
     def check(
@@ -70,6 +71,7 @@ class Settings:
         max_wait: Any,
         submit_status: Any,
         location_base: Any,
+        replicas: Any = None,
     ) -> Settings:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"name={name!r}: it must be a non-empty string")
@@ -116,6 +118,7 @@ class Settings:
             max_tasks_per_owner=positive_int(
                 "max_tasks_per_owner", max_tasks_per_owner, optional=True
             ),
+            replicas=positive_int("replicas", replicas, optional=True),
             max_queued_per_route=positive_int(
                 "max_queued_per_route", max_queued_per_route, optional=True
             ),

@@ -12,12 +12,11 @@ import contextlib
 import enum
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as LostConnection
 from redis.exceptions import RedisError
 
@@ -28,6 +27,7 @@ from ._events import Subscriptions
 from ._scripts import FAILED
 
 CLIENT_NAME = "async-task-middleware-web"
+T = TypeVar("T")
 
 
 class StoreUnavailable(Exception):
@@ -121,14 +121,14 @@ _REPLY_MARGIN = 0.25
 _CLOCK_SYNC_INTERVAL = 60.0
 
 
-async def _again(script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
-    """Run an idempotent script, again while the connection fails: a Redis restarting, or a
+async def _again(call: Callable[[], Awaitable[T]]) -> T:
+    """Make an idempotent call, again while the connection fails: a Redis restarting, or a
     Sentinel failover under way (no master known yet, or the old one now a replica). The
     caller's deadline ends the tries."""
     delay = 0.02
     while True:
         try:
-            return await script(keys=keys, args=args)
+            return await call()
         except LostConnection:
             await asyncio.sleep(delay)
             delay = min(2 * delay, 0.5)
@@ -161,7 +161,12 @@ class TaskStore:
         await self._redis.connection_pool.disconnect()
 
     async def submit(
-        self, sub: Submission, message: bytearray | None, *, timeout: float
+        self,
+        sub: Submission,
+        message: bytearray | None,
+        *,
+        timeout: float,
+        replicas: int | None = None,
     ) -> tuple[Outcome, str]:
         """Write the submission record and, for the native Redis broker, push the task message
         in the same script, within the caps: all of it happens or none of it does, and none of
@@ -199,9 +204,26 @@ class TaskStore:
             sub.fingerprint,
         ]
         async with self._deadline(timeout):
-            answer = await _again(self._submit, keys, args)
+            if replicas is None:
+                answer = await _again(lambda: self._submit(keys=keys, args=args))
+            else:
+                answer = await _again(lambda: self._replicated(keys, args, replicas, timeout))
         outcome = Outcome(answer[0])
         return outcome, answer[1].decode() if outcome is Outcome.DUPLICATE else sub.task_id
+
+    async def _replicated(
+        self, keys: list[Any], args: list[Any], replicas: int, timeout: float
+    ) -> Any:
+        """The submit script, then ``WAIT`` on the same connection: accepted only once
+        ``replicas`` replicas have it. Fewer in time is an unknown outcome (the caller retracts
+        the task and answers 503), never a 303 a master's death could take back."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            await self._submit(keys=keys, args=args, client=pipe)
+            pipe.wait(replicas, max(1, int(timeout * (1 - _REPLY_MARGIN) * 1000)))
+            answer, acknowledged = await pipe.execute()
+        if answer[0] == Outcome.ACCEPTED and acknowledged < replicas:
+            raise StoreUnavailable(f"{acknowledged} of {replicas} replicas have the task")
+        return answer
 
     async def is_cluster(self) -> bool:
         """Whether the Redis is a cluster node; an unreachable Redis is not refused (it may
@@ -237,7 +259,9 @@ class TaskStore:
             sub.idempotency_key or b"",
         ]
         async with self._deadline():
-            return bool(await _again(self._retract, keys, [sub.task_id, b.expires]))
+            return bool(
+                await _again(lambda: self._retract(keys=keys, args=[sub.task_id, b.expires]))
+            )
 
     def _keys(self, task_id: str) -> list[bytes]:
         b = self._binding
@@ -322,7 +346,8 @@ class TaskStore:
             b.heartbeat_key(task_id),
         ]
         async with self._deadline():
-            return bool(await _again(self._delete, keys, [b.record_prefix, task_id, *owners]))
+            args: list[bytes | str] = [b.record_prefix, task_id, *owners]
+            return bool(await _again(lambda: self._delete(keys=keys, args=args)))
 
     @contextlib.asynccontextmanager
     async def _deadline(self, seconds: float | None = None) -> AsyncIterator[None]:

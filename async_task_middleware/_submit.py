@@ -227,8 +227,12 @@ async def _publish(
             else:
                 message = build()
             body.clear()  # the message holds it now: one copy per request, not two
-            return await store.submit(sub, message, timeout=settings.publish_timeout)
-        outcome, task_id = await store.submit(sub, None, timeout=settings.publish_timeout)
+            return await store.submit(
+                sub, message, timeout=settings.publish_timeout, replicas=settings.replicas
+            )
+        outcome, task_id = await store.submit(
+            sub, None, timeout=settings.publish_timeout, replicas=settings.replicas
+        )
         if outcome is Outcome.ACCEPTED:
             envelope["body"] = body_base64(body).decode("ascii")
             body.clear()

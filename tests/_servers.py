@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -45,8 +46,17 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05) -> No
 class RedisServer:
     """A throw-away redis-server on a free loopback port, keeping nothing on disk."""
 
-    def __init__(self, workdir: Path, port: int | None = None, persistent: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        persistent: bool = False,
+        args: tuple[str, ...] = (),
+        ping_url: str | None = None,
+    ) -> None:
         self.port = port or free_port()
+        self._args = args  # more redis-server options: TLS, replication
+        self._ping_url = ping_url
         # Persistent: every write is in the append-only file before Redis answers it, the
         # setting the README recommends for a broker that must survive a restart.
         self._persistence = (
@@ -72,11 +82,12 @@ class RedisServer:
                 *self._persistence,
                 "--dir",
                 str(self._workdir),
+                *self._args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis.from_url(self.url, socket_timeout=1)
+        client = redis.Redis.from_url(self._ping_url or self.url, socket_timeout=1)
 
         def ping() -> bool:
             try:
@@ -93,6 +104,10 @@ class RedisServer:
 
     def __exit__(self, *_: object) -> None:
         self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None
 
     def pause(self) -> None:
         assert self._proc is not None
@@ -114,6 +129,91 @@ class RedisServer:
         self._proc.kill()
         self._proc.wait(10)
         self._proc = None
+
+
+class Sentinels:
+    """A Redis master, one replica and three sentinels (quorum 2) on free ports, as production
+    runs Redis highly available; ready once every sentinel knows the replica and its peers."""
+
+    MASTER = "atm"
+
+    def __init__(self, workdir: Path, down_after_ms: int = 2000) -> None:
+        # No 5 s wait for more replicas before the first full sync.
+        self.master = RedisServer(workdir / "master", args=("--repl-diskless-sync-delay", "0"))
+        self.replica = RedisServer(
+            workdir / "replica", args=("--replicaof", "127.0.0.1", str(self.master.port))
+        )
+        self._workdir = workdir
+        self.down_after_ms = down_after_ms
+        self.ports = [free_port() for _ in range(3)]
+        self.url = ";".join(f"sentinel://127.0.0.1:{port}/0" for port in self.ports)
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> Sentinels:
+        self.master.start()
+        self.replica.start()
+        for port in self.ports:
+            config = self._workdir / f"sentinel-{port}.conf"
+            config.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {self._workdir}\n"
+                f"sentinel monitor {self.MASTER} 127.0.0.1 {self.master.port} 2\n"
+                f"sentinel down-after-milliseconds {self.MASTER} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.MASTER} 10000\n"
+            )
+            self._procs.append(
+                subprocess.Popen(
+                    [redis_server_binary(), str(config), "--sentinel"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        for port in self.ports:
+            wait_for(lambda port=port: self._ready(port), 30, f"sentinel on port {port}")
+        wait_for(self._synced, 30, "the replica's first sync")
+        return self
+
+    def _synced(self) -> bool:
+        with redis.Redis(port=self.master.port, socket_timeout=1) as client:
+            replica = client.info("replication").get("slave0")
+            return isinstance(replica, dict) and replica.get("state") == "online"
+
+    def _ready(self, port: int) -> bool:
+        try:
+            with redis.Redis(port=port, socket_timeout=1, decode_responses=True) as client:
+                state = client.sentinel_master(self.MASTER)
+                return int(state["num-slaves"]) == 1 and int(state["num-other-sentinels"]) == 2
+        except (redis.RedisError, KeyError):
+            return False
+
+    def master_port(self) -> int | None:
+        """The master's port as the sentinels' majority tells it now."""
+        seen: list[int] = []
+        for port in self.ports:
+            try:
+                with redis.Redis(port=port, socket_timeout=1) as client:
+                    found = client.sentinel_get_master_addr_by_name(self.MASTER)
+                    if found:
+                        seen.append(int(found[1]))
+            except redis.RedisError:
+                pass
+        for candidate in seen:
+            if seen.count(candidate) >= 2:
+                return candidate
+        return None
+
+    def __enter__(self) -> Sentinels:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        for proc in self._procs:
+            proc.terminate()
+            proc.wait(10)
+        for server in (self.master, self.replica):
+            with contextlib.suppress(AssertionError):
+                server.stop()
 
 
 class Worker:

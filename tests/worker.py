@@ -9,8 +9,16 @@ from async_task_middleware import register_replay
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 SECRET_KEY = os.environ["ATM_SECRET_KEY"]
 
+# A Sentinel deployment: REDIS_URL names the sentinels, this the master's service.
+SENTINEL = (
+    {"master_name": os.environ["REDIS_SENTINEL_MASTER"]}
+    if os.environ.get("REDIS_SENTINEL_MASTER")
+    else {}
+)
+
 celery_app = Celery("tests", broker=os.environ.get("BROKER_URL") or REDIS_URL, backend=REDIS_URL)
 celery_app.conf.update(
+    result_backend_transport_options=SENTINEL,
     accept_content=["json"],
     worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True,
@@ -20,6 +28,7 @@ celery_app.conf.update(
         # Sweep for messages of dead workers every 2 s, not every 100 s.
         "unacked_restore_interval": int(os.environ.get("ATM_TEST_RESTORE_INTERVAL", 2)),
         "unacked_restore_throttle": 1,
+        **SENTINEL,
     },
     result_expires=int(os.environ.get("ATM_TEST_RESULT_EXPIRES", 24 * 3600)),
 )

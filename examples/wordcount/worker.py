@@ -3,7 +3,10 @@
     celery -A examples.wordcount.worker worker
 
 ``REDIS_URL`` (default ``redis://127.0.0.1:6379/0``) is the result backend and, unless
-``BROKER_URL`` names another one (``amqp://guest:guest@127.0.0.1:5672//``), the broker.
+``BROKER_URL`` names another one (``amqp://guest:guest@127.0.0.1:5672//``), the broker. For a
+highly available Redis it names the sentinels,
+``sentinel://127.0.0.1:26379;sentinel://127.0.0.1:26380/0``, and ``REDIS_SENTINEL_MASTER`` the
+master's service name; TLS goes in the URL: ``rediss://host:6380/0?ssl_cert_reqs=required``.
 ``ATM_SECRET_KEY`` (required; the same for the web processes and the worker) signs owner
 identities and encrypts credential headers at rest.
 """
@@ -16,6 +19,11 @@ from celery import Celery
 from async_task_middleware import header_owner, register_replay
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+SENTINEL: dict[str, Any] = (
+    {"master_name": os.environ["REDIS_SENTINEL_MASTER"]}
+    if os.environ.get("REDIS_SENTINEL_MASTER")
+    else {}
+)
 SECRET_KEY = os.environ.get("ATM_SECRET_KEY", "")
 if not SECRET_KEY:
     raise SystemExit(
@@ -42,7 +50,9 @@ celery_app.conf.update(
         # No hang on a dead connection.
         "socket_timeout": 5,
         "socket_connect_timeout": 5,
+        **SENTINEL,
     },
+    result_backend_transport_options=SENTINEL,
     worker_prefetch_multiplier=1,
 )
 
