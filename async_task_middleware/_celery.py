@@ -209,6 +209,9 @@ class Binding:
     def tombstone_key(self, task_id: str) -> bytes:
         return self.record_prefix + b"refused-" + task_id.encode()
 
+    def message_key(self, task_id: str) -> bytes:
+        return self.record_prefix + b"message-" + task_id.encode()
+
     def owner_set_key(self, owner: str | None) -> bytes:
         return self.record_prefix + b"owner-" + (owner or "").encode()
 

@@ -12,6 +12,9 @@ Keys of one task (``<p>`` is ``async-task-middleware-``, after Celery's ``global
 - ``<p>live-<id>``: a heartbeat, renewed while a worker runs the task; a task that began and
   has none is waiting for redelivery ("retrying").
 - ``<p>refused-<id>``: a tombstone: a submission answered 503 that must never run.
+- ``<p>message-<id>``: a copy of the task's broker message (``queue``, ``message``), from the
+  submission until a worker begins the task, for the sweep after a Redis restart or failover
+  (``_sweep``): the one moment kombu's Redis transport can drop a message.
 - ``<p>owner-<hash>``, ``<p>queued-<app> <route>``: sorted sets of unfinished tasks per owner
   and queued tasks per route (score: submission time), kept only when a cap is set.
 - ``<p>idempotency-<app> <owner> <sha256 of the key>``: ``<task id> <request fingerprint>``,
@@ -22,7 +25,8 @@ Scripts, not MULTI: each is one command, runs atomically, and can decide (caps, 
 
 from __future__ import annotations
 
-# KEYS: record, queue, tombstone, owner set, queued set, idempotency key ('' = none)
+# KEYS: record, queue, tombstone, owner set, queued set, idempotency key ('' = none),
+#       message copy
 # ARGV: record, lifetime, message ('' = published through Celery), task id, now,
 #       owner cap ('' = none), queued cap ('' = none), deadline on Redis's clock,
 #       request fingerprint (with an idempotency key)
@@ -58,7 +62,11 @@ if ARGV[7] ~= '' then
   if redis.call('ZCARD', KEYS[5]) >= tonumber(ARGV[7]) then return {-2} end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-if ARGV[3] ~= '' then redis.call('LPUSH', KEYS[2], ARGV[3]) end
+if ARGV[3] ~= '' then
+  redis.call('LPUSH', KEYS[2], ARGV[3])
+  redis.call('HSET', KEYS[7], 'queue', KEYS[2], 'message', ARGV[3])
+  redis.call('EXPIRE', KEYS[7], ARGV[2])
+end
 if ARGV[6] ~= '' then
   redis.call('ZADD', KEYS[4], now, ARGV[4])
   redis.call('EXPIRE', KEYS[4], ARGV[2])
@@ -74,11 +82,13 @@ return {1}
 # A submission whose outcome is unknown (the script or Celery's publish outlived its deadline)
 # is settled before the client is answered: either a worker already began it (it was accepted:
 # answer 303), or it is taken back and a tombstone stops a script still on its way.
-# KEYS: record, attempts, tombstone, owner set, queued set, idempotency key ('' = none)
+# KEYS: record, attempts, tombstone, owner set, queued set, idempotency key ('' = none),
+#       message copy
 # ARGV: task id, lifetime
 # -> 1 a worker began it, 0 taken back
 RETRACT = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return 1 end
+redis.call('DEL', KEYS[7])
 if KEYS[6] ~= '' then
   local prior = redis.call('GET', KEYS[6])
   if prior and string.sub(prior, 1, #ARGV[1]) == ARGV[1] then redis.call('DEL', KEYS[6]) end
@@ -91,7 +101,7 @@ return 0
 """
 
 # DELETE on the status URL: only by the owner (or anyone, for an anonymous task).
-# KEYS: record, meta, attempts, result, heartbeat
+# KEYS: record, meta, attempts, result, heartbeat, message copy
 # ARGV: key prefix, task id, the requester's owner hashes (none: anonymous)
 # -> 1 deleted, 0 unknown (or someone else's: the same answer)
 DELETE = """
@@ -107,7 +117,7 @@ if type(owner) == 'string' then
   if not allowed then return 0 end
   redis.call('ZREM', ARGV[1] .. 'owner-' .. owner, ARGV[2])
 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 if type(record['idempotency']) == 'string' then redis.call('DEL', record['idempotency']) end
 if type(record['app']) == 'string' and type(record['route']) == 'string' then
   redis.call('ZREM', ARGV[1] .. 'queued-' .. record['app'] .. ' ' .. record['route'], ARGV[2])
@@ -119,7 +129,7 @@ return 1
 # heartbeat, and give the record its full lifetime again (a task may wait long in the queue).
 # The heartbeat's first value is the delivery's own token: a BEGIN run again for the same
 # delivery (its answer was lost with the connection, in a failover) counts nothing twice.
-# KEYS: record, attempts, queued set, result, heartbeat
+# KEYS: record, attempts, queued set, result, heartbeat, message copy
 # ARGV: lifetime, task id, heartbeat lifetime (ms), events channel, delivery token
 # -> the attempt number; 0 when the record is gone (deleted, expired, refused); -1 when the
 #    task already has its outcome (a redelivery after its worker stored it, then died)
@@ -130,6 +140,7 @@ if redis.call('GET', KEYS[5]) == ARGV[5] then return tonumber(redis.call('GET', 
 local n = redis.call('INCR', KEYS[2])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[2])
+redis.call('DEL', KEYS[6])
 redis.call('SET', KEYS[5], ARGV[5], 'PX', ARGV[3])
 redis.call('PUBLISH', ARGV[4], 'running')
 return n
@@ -156,6 +167,20 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('DEL', KEYS[4])
 redis.call('ZREM', KEYS[3], ARGV[3])
 redis.call('PUBLISH', ARGV[4], 'done')
+return 1
+"""
+
+# The sweep (``_sweep``), for a task whose message it found in neither the queue nor kombu's
+# unacked hash, twice: push the kept copy again, unless the task began meanwhile, was deleted,
+# or its copy is gone (begun, retracted).
+# KEYS: record, attempts, heartbeat, message copy
+# -> 1 pushed again, 0 not needed
+REPUBLISH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+local copy = redis.call('HMGET', KEYS[4], 'queue', 'message')
+if not copy[1] or not copy[2] then return 0 end
+redis.call('LPUSH', copy[1], copy[2])
 return 1
 """
 

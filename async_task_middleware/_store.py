@@ -190,6 +190,7 @@ class TaskStore:
             b.owner_set_key(sub.owner),
             b.queued_set_key(sub.app, sub.route),
             sub.idempotency_key or b"",
+            b.message_key(sub.task_id),
         ]
         owner_cap = sub.owner_cap if sub.owner is not None else None
         args: list[bytes | bytearray | str | int] = [
@@ -257,6 +258,7 @@ class TaskStore:
             b.owner_set_key(sub.owner),
             b.queued_set_key(sub.app, sub.route),
             sub.idempotency_key or b"",
+            b.message_key(sub.task_id),
         ]
         async with self._deadline():
             return bool(
@@ -344,6 +346,7 @@ class TaskStore:
             b.attempts_key(task_id),
             b.result_key(task_id),
             b.heartbeat_key(task_id),
+            b.message_key(task_id),
         ]
         async with self._deadline():
             args: list[bytes | str] = [b.record_prefix, task_id, *owners]

@@ -38,6 +38,7 @@ from ._lease import LeaseKeeper
 from ._loop import ReplayTimeLimit, process_loop, replace_process_loop
 from ._policy import Keys, SecretKey, join_headers
 from ._replay import replay
+from ._sweep import Sweeper
 from ._types import ASGIApp
 from ._wire import check
 
@@ -147,6 +148,7 @@ def register_replay(
             queued_set,
             binding.result_key(task_id),
             heartbeat_key,
+            binding.message_key(task_id),
         ]
         token = uuid.uuid4().hex  # this delivery's: a BEGIN tried again counts it once
         values = [binding.expires, task_id, heartbeat_ms, channel, token]
@@ -245,8 +247,9 @@ def _replace_blocked(task: Task, task_id: str, exc: LoopBlocked, finished: Any) 
 
 
 def _watch_worker(celery_app: Celery, leases: bool) -> None:
-    """Where the worker starts: check its final settings, and keep its leases."""
-    keeper: list[LeaseKeeper] = []
+    """Where the worker starts: check its final settings, keep its leases, and sweep after
+    each Redis restart or failover (``_sweep``)."""
+    threads: list[LeaseKeeper | Sweeper] = []
 
     def check_settings(sender: Any, **_: Any) -> None:
         # Settings may have changed since registration; Celery logs and ignores a signal
@@ -259,21 +262,26 @@ def _watch_worker(celery_app: Celery, leases: bool) -> None:
                 logger.critical("refusing to start: %s", exc)
                 raise SystemExit(f"async-task-middleware: {exc}") from None
 
-    def start_leases(sender: Any, **_: Any) -> None:
-        if getattr(sender, "app", None) is not celery_app or not leases:
+    def start_threads(sender: Any, **_: Any) -> None:
+        if getattr(sender, "app", None) is not celery_app:
             return
-        if Binding.is_redis_broker(celery_app):
-            keeper.append(LeaseKeeper(celery_app))
-            keeper[0].start()
-            logger.info("leases renewed every %g s", keeper[0].interval)
+        if leases and Binding.is_redis_broker(celery_app):
+            keeper = LeaseKeeper(celery_app)
+            threads.append(keeper)
+            logger.info("leases renewed every %g s", keeper.interval)
+        binding = Binding.of(celery_app)
+        if binding.fast_queue is not None:
+            threads.append(Sweeper(celery_app, binding))
+        for thread in threads:
+            thread.start()
 
-    def stop_leases(**_: Any) -> None:
-        for one in keeper:
-            one.stop()
+    def stop_threads(**_: Any) -> None:
+        for thread in threads:
+            thread.stop()
 
     worker_init.connect(check_settings, weak=False)
-    worker_ready.connect(start_leases, weak=False)
-    worker_shutdown.connect(stop_leases, weak=False)
+    worker_ready.connect(start_threads, weak=False)
+    worker_shutdown.connect(stop_threads, weak=False)
 
 
 class _Apps:

@@ -191,3 +191,63 @@ def test_the_defaults_fit_rabbitmq() -> None:
     celery = Celery("t", broker="amqp://guest:guest@127.0.0.1:1//", backend="redis://x/0")
     celery.conf.broker_transport_options = {"confirm_publish": True}
     register_replay(celery, {"default": "x:y"})
+
+
+async def test_a_message_redis_dropped_in_kombus_gap_is_pushed_again(logdir: Path) -> None:
+    """kombu BRPOPs a message, then Redis dies before kombu records it as unacknowledged: the
+    message is in neither place. Here the pop is made by hand, Redis is SIGKILLed and
+    restarted from its append-only file, and a worker started afterwards finds the task
+    missing (twice), pushes its kept copy again and runs it; the other tasks run once."""
+    with RedisServer(logdir / "gap-redis", persistent=True) as server:
+        celery = Celery("gap", broker=server.url, backend=server.url)
+        app = build_probe(celery)
+        keys = [f"gap-{uuid.uuid4()}" for _ in range(5)]
+        async with LifespanManager(app), make_client(app) as client:
+            locations = [await submit(client, f"/mark?key={key}") for key in keys]
+        store = redis.Redis.from_url(server.url)
+        popped = store.rpop("celery")  # the oldest: the first submission's message
+        assert popped is not None
+        assert keys[0] in popped.decode()  # in the query string the message carries
+        assert store.llen("celery") == 4
+        store.close()
+        server.kill()
+        server.start()
+        worker = Worker(
+            "tests.worker", {"REDIS_URL": server.url, "BROKER_URL": ""}, logdir / "gap.log"
+        ).start()
+        try:
+            async with LifespanManager(app), make_client(app) as client:
+                for location in locations:
+                    assert (await final(client, location, timeout=60)).status_code == 200
+        finally:
+            worker.stop()
+        for key in keys:
+            assert runs(server.url, key) == 1
+        assert "1 tasks lost by the broker" in (logdir / "gap.log").read_text()
+
+
+async def test_the_sweep_leaves_queued_and_unacked_messages_alone(logdir: Path) -> None:
+    """The sweep pushes nothing again when every message is where kombu keeps it: waiting in
+    the queue, or unacknowledged."""
+    from async_task_middleware._celery import Binding
+    from async_task_middleware._sweep import Sweeper
+
+    with RedisServer(logdir / "sweep-redis") as server:
+        celery = Celery("sweep", broker=server.url, backend=server.url)
+        app = build_probe(celery)
+        async with LifespanManager(app), make_client(app) as client:
+            for _ in range(3):
+                await submit(client, "/slow?seconds=0")
+        store = redis.Redis.from_url(server.url)
+        # One message as kombu holds it once delivered: out of the queue, in the hash.
+        message = store.rpop("celery")
+        store.hset("unacked", "tag", f'[{message.decode()}, "", "celery"]')
+        sweeper = Sweeper(celery, Binding.of(celery))
+        assert sweeper.missing() == set()
+        assert sweeper.sweep_if_changed() == 0
+        assert sweeper.sweep_if_changed() is None  # the same Redis: no sweep again
+        assert store.llen("celery") == 2
+        # The message gone from the hash too (dropped): it is missing now.
+        store.delete("unacked")
+        assert len(sweeper.missing()) == 1
+        store.close()

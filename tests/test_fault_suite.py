@@ -14,21 +14,29 @@ from tests.faults import cases, run
 pytestmark = pytest.mark.anyio
 
 
-@pytest.mark.parametrize(("scenario", "broker"), cases(long=False))
+def _cases() -> list[object]:
+    # A submission's deadline may cancel redis-py while it opens a connection to a sentinel;
+    # asyncio leaves that socket to the garbage collector (collected inside ``run``).
+    leaky = [
+        pytest.mark.filterwarnings("ignore::ResourceWarning"),
+        pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+    ]
+    return [
+        pytest.param(scenario, broker, marks=leaky if broker == "sentinel" else [])
+        for scenario, broker in cases(long=False)
+    ]
+
+
+@pytest.mark.parametrize(("scenario", "broker"), _cases())
 async def test_nothing_lost(scenario: str, broker: str, tmp_path: Path) -> None:
     tally = await run(scenario, broker, 100, tmp_path)
     print(tally.row())
     assert tally.submitted == 100
     assert tally.accepted + tally.refused == 100
     assert tally.accepted > 0
-    # Every loss fails the test but one kind: Redis SIGKILLed between kombu's BRPOP and its
-    # unacked write drops that message (kombu's gap, an open defect of this library's too, in
-    # the README). It can only happen where Redis itself is killed, and at most once a kill.
-    if scenario == "Redis SIGKILLed and restarted":
-        assert tally.broker_gap <= 1, tally.row()
-        assert tally.lost == tally.broker_gap, tally.row()
-    else:
-        assert tally.lost == 0, tally.row()
+    # Not even a message Redis dropped between kombu's BRPOP and its unacked write: the
+    # sweep after the restart or failover pushes it again (``_sweep``).
+    assert tally.lost == 0, tally.row()
     assert tally.wrong == 0, tally.row()
     assert tally.done + tally.failed == tally.accepted
     if broker == "sentinel":

@@ -1,0 +1,122 @@
+"""The sweep after a Redis restart or failover: no accepted task is left behind.
+
+kombu's Redis transport takes a message off the queue (``BRPOP``) and only then, in a second
+command, records it as unacknowledged. A Redis killed between the two (a SIGKILL, a master lost
+to a Sentinel failover) keeps neither, and the task's record would say "queued" until it
+expires. So the submit script keeps a copy of each message it pushes until a worker begins the
+task (``<p>message-<id>``), and after every change of Redis (its ``run_id`` is not the one the
+last sweep stored) one worker's sweeper compares the copies with the queues and kombu's
+``unacked`` hash, and pushes again the messages it found in neither, of tasks no worker began.
+
+It looks twice, ``PASS_GAP`` apart, and pushes only what was missing both times: a message on
+its way from the queue to the unacknowledged hash (or given back by kombu's restore) between two
+reads of one pass is not taken for lost. The push itself re-checks, in one script, that the task
+is still unbegun and its copy still there (``REPUBLISH``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+
+from celery import Celery
+from redis.exceptions import RedisError
+
+from . import _scripts
+from ._celery import Binding
+
+logger = logging.getLogger(__name__)
+
+#: How often each worker asks Redis for its run_id.
+INTERVAL = 5.0
+#: Between the two looks of one sweep.
+PASS_GAP = 5.0
+_CHUNK = 100  # messages read at a time: they carry request bodies
+_TASK_ID = re.compile(rb'"id":\s*"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"')
+
+
+class Sweeper(threading.Thread):
+    def __init__(self, celery_app: Celery, binding: Binding) -> None:
+        super().__init__(name="async-task-middleware-sweep", daemon=True)
+        # The native publish path is on: the broker's queues are in the store's Redis.
+        self._client = celery_app.backend.client
+        self._republish = self._client.register_script(_scripts.REPUBLISH)
+        self._binding = binding
+        options = celery_app.conf.broker_transport_options or {}
+        self._unacked = options.get("unacked_key", "unacked")
+        self._run_key = binding.record_prefix + b"redis-run"
+        self._lock_key = binding.record_prefix + b"sweeping"
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopped.wait(INTERVAL):
+            try:
+                self.sweep_if_changed()
+            except RedisError as exc:
+                # Redis is away (restarting, failing over): the next round sweeps.
+                logger.warning("sweep not done: %s", type(exc).__name__)
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def sweep_if_changed(self) -> int | None:
+        """Sweep if Redis changed since the last sweep; the number of tasks pushed again."""
+        run_id = str(self._client.info("server")["run_id"]).encode()
+        if self._client.get(self._run_key) == run_id:
+            return None
+        if not self._client.set(self._lock_key, run_id, nx=True, ex=120):
+            return None  # another worker sweeps
+        try:
+            lost = self.missing()
+            if lost and not self._stopped.wait(PASS_GAP):
+                lost &= self.missing()
+            b = self._binding
+            pushed = sum(
+                self._republish(
+                    keys=[
+                        b.record_key(task_id),
+                        b.attempts_key(task_id),
+                        b.heartbeat_key(task_id),
+                        b.message_key(task_id),
+                    ]
+                )
+                for task_id in sorted(lost)
+            )
+            self._client.set(self._run_key, run_id)
+        finally:
+            self._client.delete(self._lock_key)
+        if pushed:
+            logger.warning("%d tasks lost by the broker in a Redis restart pushed again", pushed)
+        return int(pushed)
+
+    def missing(self) -> set[str]:
+        """Tasks with a kept copy, unbegun, whose message is in no queue and not unacked."""
+        prefix = self._binding.record_prefix + b"message-"
+        copies = [key[len(prefix) :].decode() for key in self._client.scan_iter(prefix + b"*")]
+        if not copies:
+            return set()
+        pipe = self._client.pipeline(transaction=False)
+        for task_id in copies:
+            pipe.hget(self._binding.message_key(task_id), "queue")
+            pipe.exists(self._binding.attempts_key(task_id))
+        answers = pipe.execute()
+        queues = {queue for queue in answers[::2] if queue is not None}
+        candidates = {
+            task_id
+            for task_id, queue, begun in zip(copies, answers[::2], answers[1::2], strict=True)
+            if queue is not None and not begun
+        }
+        seen: set[str] = set()
+        for queue in queues:
+            start = 0
+            while chunk := self._client.lrange(queue, start, start + _CHUNK - 1):
+                seen.update(_ids(chunk))
+                start += _CHUNK
+        for _, message in self._client.hscan_iter(self._unacked, count=_CHUNK):
+            seen.update(_ids([message]))
+        return candidates - seen
+
+
+def _ids(messages: list[bytes]) -> set[str]:
+    return {found.decode() for message in messages for found in _TASK_ID.findall(message)}
