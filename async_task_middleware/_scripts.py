@@ -25,11 +25,12 @@ Scripts, not MULTI: each is one command, runs atomically, and can decide (caps, 
 
 from __future__ import annotations
 
-# KEYS: record, queue, tombstone, owner set, queued set, idempotency key ('' = none),
-#       message copy
+# KEYS: record, queue, tombstone, owner set, queued set, idempotency key, message copy
+#       (an unused queue or idempotency key is the record's: every key a script is given is
+#       one an ACL user limited to the library's keys may name)
 # ARGV: record, lifetime, message ('' = published through Celery), task id, now,
 #       owner cap ('' = none), queued cap ('' = none), deadline on Redis's clock,
-#       request fingerprint (with an idempotency key)
+#       request fingerprint ('' = no idempotency key)
 # -> {1} accepted, {0} refused (too late, or a tombstone), {-1} owner at cap,
 #    {-2} route queue at cap, {2, task id} the key's earlier task, {3} the key with another
 #    request
@@ -43,7 +44,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return {1} end
 local clock = redis.call('TIME')
 if tonumber(clock[1]) + tonumber(clock[2]) / 1000000 > tonumber(ARGV[8]) then return {0} end
 if redis.call('EXISTS', KEYS[3]) == 1 then return {0} end
-if KEYS[6] ~= '' then
+if ARGV[9] ~= '' then
   local prior = redis.call('GET', KEYS[6])
   if prior then
     local sep = string.find(prior, ' ', 1, true)
@@ -75,21 +76,21 @@ if ARGV[7] ~= '' then
   redis.call('ZADD', KEYS[5], now, ARGV[4])
   redis.call('EXPIRE', KEYS[5], ARGV[2])
 end
-if KEYS[6] ~= '' then redis.call('SET', KEYS[6], ARGV[4] .. ' ' .. ARGV[9], 'EX', ARGV[2]) end
+if ARGV[9] ~= '' then redis.call('SET', KEYS[6], ARGV[4] .. ' ' .. ARGV[9], 'EX', ARGV[2]) end
 return {1}
 """
 
 # A submission whose outcome is unknown (the script or Celery's publish outlived its deadline)
 # is settled before the client is answered: either a worker already began it (it was accepted:
 # answer 303), or it is taken back and a tombstone stops a script still on its way.
-# KEYS: record, attempts, tombstone, owner set, queued set, idempotency key ('' = none),
-#       message copy
-# ARGV: task id, lifetime
+# KEYS: record, attempts, tombstone, owner set, queued set, idempotency key (the record's when
+#       none), message copy
+# ARGV: task id, lifetime, '1' with an idempotency key
 # -> 1 a worker began it, 0 taken back
 RETRACT = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return 1 end
 redis.call('DEL', KEYS[7])
-if KEYS[6] ~= '' then
+if ARGV[3] == '1' then
   local prior = redis.call('GET', KEYS[6])
   if prior and string.sub(prior, 1, #ARGV[1]) == ARGV[1] then redis.call('DEL', KEYS[6]) end
 end

@@ -183,13 +183,14 @@ class TaskStore:
         }
         if sub.idempotency_key is not None:
             record["idempotency"] = sub.idempotency_key.decode()
+        record_key = b.record_key(sub.task_id)
         keys = [
-            b.record_key(sub.task_id),
-            (sub.queue or b.fast_queue or "").encode(),
+            record_key,
+            (sub.queue or b.fast_queue or "").encode() or record_key,
             b.tombstone_key(sub.task_id),
             b.owner_set_key(sub.owner),
             b.queued_set_key(sub.app, sub.route),
-            sub.idempotency_key or b"",
+            sub.idempotency_key or record_key,
             b.message_key(sub.task_id),
         ]
         owner_cap = sub.owner_cap if sub.owner is not None else None
@@ -251,19 +252,19 @@ class TaskStore:
         """Settle a submission whose outcome is unknown: True when a worker already began it
         (it was accepted after all); else it is taken back for good and False."""
         b = self._binding
+        record_key = b.record_key(sub.task_id)
         keys = [
-            b.record_key(sub.task_id),
+            record_key,
             b.attempts_key(sub.task_id),
             b.tombstone_key(sub.task_id),
             b.owner_set_key(sub.owner),
             b.queued_set_key(sub.app, sub.route),
-            sub.idempotency_key or b"",
+            sub.idempotency_key or record_key,
             b.message_key(sub.task_id),
         ]
+        args: list[str | int] = [sub.task_id, b.expires, "1" if sub.idempotency_key else ""]
         async with self._deadline():
-            return bool(
-                await _again(lambda: self._retract(keys=keys, args=[sub.task_id, b.expires]))
-            )
+            return bool(await _again(lambda: self._retract(keys=keys, args=args)))
 
     def _keys(self, task_id: str) -> list[bytes]:
         b = self._binding

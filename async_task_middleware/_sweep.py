@@ -50,12 +50,15 @@ class Sweeper(threading.Thread):
         self._stopped = threading.Event()
 
     def run(self) -> None:
-        while not self._stopped.wait(INTERVAL):
+        # At once first: a worker started after a restart finds what the restart dropped.
+        while True:
             try:
                 self.sweep_if_changed()
             except RedisError as exc:
                 # Redis is away (restarting, failing over): the next round sweeps.
                 logger.warning("sweep not done: %s", type(exc).__name__)
+            if self._stopped.wait(INTERVAL):
+                return
 
     def stop(self) -> None:
         self._stopped.set()

@@ -218,7 +218,9 @@ async def test_a_303_waits_for_the_replicas_asked_for(sentinels: Sentinels) -> N
     records = [
         key
         for key in master.scan_iter("async-task-middleware-*")
-        if not key.startswith((b"async-task-middleware-refused-", b"async-task-middleware-live"))
+        if not key.startswith(
+            tuple(b"async-task-middleware-" + part for part in (b"refused-", b"message-"))
+        )
     ]
     assert len(records) == 1  # the replicated one; the other was taken back
     assert len(list(master.scan_iter("async-task-middleware-refused-*"))) == 1
@@ -435,3 +437,67 @@ def test_a_cluster_is_refused_at_the_worker_start(cluster_node: RedisServer, log
     with pytest.raises(RuntimeError, match="exited"):
         Worker("examples.wordcount.worker", {"REDIS_URL": cluster_node.url}, log).start()
     assert "cluster mode" in log.read_text()
+
+
+# --- ACL users -------------------------------------------------------------------------------
+
+#: The README's rules: the least a Redis user needs on the web side and on the worker side
+#: (the word-count example: Celery's default queue ``celery``, database 0).
+WEB_RULES = (
+    "resetkeys ~async-task-middleware-* ~celery-task-meta-* ~celery "
+    "resetchannels &async-task-middleware-events-* "
+    "-@all +hello +auth +ping +client|setname +info +time +mget "
+    "+evalsha +eval +script|load +subscribe +unsubscribe "
+    "+exists +get +set +del +expire +lpush +hset +zadd +zrem +zremrangebyscore +zcard"
+)
+WORKER_RULES = (
+    "resetkeys ~async-task-middleware-* ~celery* ~unacked* ~_kombu.* "
+    "allchannels "
+    "-@all +@connection +@read +@write +@list +@hash +@sortedset +@string +@keyspace "
+    "+@pubsub +@scripting +@transaction +info +time -@dangerous +info"
+)
+
+
+async def test_acl_users_with_the_documented_rules_run_the_word_count(logdir: Path) -> None:
+    """A web user and a worker user with only the README's rules: the word count runs end to
+    end, and the web user cannot touch what it does not need."""
+    with RedisServer(logdir / "acl-redis") as server:
+        admin = redis.Redis(port=server.port)
+        admin.execute_command("ACL", "SETUSER", "atm-web", "on", ">web-secret", *WEB_RULES.split())
+        admin.execute_command(
+            "ACL", "SETUSER", "atm-worker", "on", ">worker-secret", *WORKER_RULES.split()
+        )
+        web_url = f"redis://atm-web:web-secret@127.0.0.1:{server.port}/0"
+        worker_url = f"redis://atm-worker:worker-secret@127.0.0.1:{server.port}/0"
+        with (
+            redis.Redis.from_url(web_url) as web,
+            pytest.raises(redis.exceptions.NoPermissionError),
+        ):
+            web.keys("*")
+        worker = Worker(
+            "examples.wordcount.worker", {"REDIS_URL": worker_url}, logdir / "acl-worker.log"
+        ).start()
+        uvicorn = Uvicorn(
+            "examples.wordcount.fastapi_app:app", {"REDIS_URL": web_url}, logdir / "acl-web.log"
+        ).start()
+        try:
+            async with httpx.AsyncClient(base_url=uvicorn.url, timeout=30) as client:
+                response = await client.post("/words", files={"text": ("t.txt", b"a b c")})
+                assert response.status_code == 303, [
+                    (e["username"], e["reason"], e["object"], e["client-info"]["cmd"])
+                    for e in admin.acl_log()
+                ]
+                location = response.headers["location"]
+                assert (await client.get(location, headers={"prefer": "wait=10"})).json() == {
+                    "count": 3
+                }
+                assert (await client.delete(location)).status_code == 204
+        finally:
+            uvicorn.stop()
+            worker.stop()
+        # Nothing refused but the test's own KEYS (the sweep at the worker's start included).
+        refused = {(e["username"], e["client-info"]["cmd"]) for e in admin.acl_log()}
+        assert refused == {("atm-web", "keys")}, admin.acl_log()
+        assert "NOPERM" not in (logdir / "acl-worker.log").read_text()
+        assert "NOPERM" not in (logdir / "acl-web.log").read_text()
+        admin.close()
