@@ -106,24 +106,33 @@ def hard_time_limit(
     return hard_limit
 
 
-#: The broker's socket timeouts when the app sets none: with none, a publish or a worker's
-#: fetch waits forever on a frozen Redis master (kombu's default).
-BROKER_SOCKET_TIMEOUT = 5.0
+#: Socket timeouts where the app sets none: with none, a publish, a worker's fetch or a result
+#: store waits forever on a frozen Redis master (kombu's default, and Celery's for connecting).
+SOCKET_TIMEOUT = 5.0
 
 
 def survive_failover(celery_app: Celery) -> None:
     """Celery settings without which a Redis restart or a Sentinel failover fails or hangs work.
 
     ``result_backend_always_retry``: Celery stores a result again instead of failing a task
-    whose endpoint has finished, when the write meets the failover. Broker socket timeouts,
-    unless the app sets its own: a frozen master is then a timeout kombu recovers from.
+    whose endpoint has finished, when the write meets the failover. Socket timeouts for the
+    broker and the result backend, and health checks for the backend's connections, unless
+    the app sets its own: a frozen master is then a timeout Celery and kombu recover from.
     """
     conf = celery_app.conf
     conf.result_backend_always_retry = True
+    if conf.redis_socket_connect_timeout is None:
+        conf.redis_socket_connect_timeout = SOCKET_TIMEOUT
+    if conf.redis_socket_timeout is None:
+        conf.redis_socket_timeout = SOCKET_TIMEOUT
+    if not conf.get("redis_backend_health_check_interval"):
+        # A connection idle this long is pinged before use: one left to a dead master fails
+        # there, not in the middle of storing a result.
+        conf.update(redis_backend_health_check_interval=25)
     if broker_deployment(celery_app) is not None:
         options = dict(conf.broker_transport_options or {})
-        options.setdefault("socket_timeout", BROKER_SOCKET_TIMEOUT)
-        options.setdefault("socket_connect_timeout", BROKER_SOCKET_TIMEOUT)
+        options.setdefault("socket_timeout", SOCKET_TIMEOUT)
+        options.setdefault("socket_connect_timeout", SOCKET_TIMEOUT)
         conf.broker_transport_options = options
 
 

@@ -120,8 +120,8 @@ class AsyncTaskMiddleware:
             self._routes = RouteTable(routes, default)
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(str(exc)) from None
+        survive_failover(celery_app)  # before Celery's backend is built: it reads them once
         self._binding = Binding.of(celery_app)
-        survive_failover(celery_app)
         # Redis connections belong to the event loop that opened them; a process normally has
         # one loop, tests and embedded servers may have several.
         self._stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TaskStore] = (

@@ -101,8 +101,8 @@ def register_replay(
         keys = Keys(secret_key) if secret_key is not None else None
     except ValueError as exc:
         raise ConfigurationError(str(exc)) from None
+    survive_failover(celery_app)  # before Celery's backend is built: it reads them once
     binding = Binding.of(celery_app)
-    survive_failover(celery_app)
     if celery_app.conf.worker_consumer in (None, _consumer.DEFAULT):
         celery_app.conf.worker_consumer = _consumer.PATH
     soft_limit = float(time_limit or celery_app.conf.task_time_limit or DEFAULT_TIME_LIMIT)
