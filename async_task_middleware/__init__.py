@@ -20,7 +20,7 @@ from ._celery import ConfigurationError
 from ._loop import LifespanFailed, ReplayTimeLimit
 from ._middleware import AsyncTaskMiddleware
 from ._policy import SealError, header_owner
-from ._progress import report_progress
+from ._progress import TaskCancelled, report_progress
 from ._replay import NoResponse, ResponseTooLarge
 from ._routes import Route
 from ._wire import WireFormatError
@@ -37,6 +37,7 @@ __all__ = [
     "ResponseTooLarge",
     "Route",
     "SealError",
+    "TaskCancelled",
     "WireFormatError",
     "header_owner",
     "register_replay",

@@ -14,6 +14,13 @@ _reporter: contextvars.ContextVar[Callable[[dict[str, Any]], None] | None] = con
 )
 
 
+class TaskCancelled(BaseException):
+    """Raised by ``report_progress`` in a task that was deleted (a ``DELETE`` on its status
+    URL) while it ran: the stop point of a ``def`` endpoint, whose thread cannot be cancelled
+    from outside. A ``BaseException``, like ``asyncio.CancelledError``, so that an endpoint's
+    ``except Exception`` does not swallow it."""
+
+
 def reporting_to(reporter: Callable[[dict[str, Any]], None] | None) -> None:
     _reporter.set(reporter)
 
@@ -25,6 +32,10 @@ def report_progress(**progress: Any) -> None:
     body. Outside a worker's replay (a plain request, a test) it does nothing, so an endpoint
     can call it unconditionally. It writes to the result backend synchronously: call it at a
     human pace (a few times a second at most), not in a tight loop.
+
+    In a task that was deleted meanwhile it raises ``TaskCancelled`` instead: a ``def``
+    endpoint, which runs in a thread no one can stop, stops there. One that never reports
+    progress runs to its end, and its result is discarded.
     """
     reporter = _reporter.get()
     if reporter is not None:

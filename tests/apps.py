@@ -114,6 +114,21 @@ async def progress(request: Request) -> JSONResponse:
     return JSONResponse({"done": True})
 
 
+def steps(request: Request) -> JSONResponse:
+    """A ``def`` endpoint (run in a thread): ``steps`` steps of 0.1 s, each counted in Redis
+    under ``key`` and reported as progress."""
+    import redis as sync_redis
+
+    key, total = request.query_params["key"], int(request.query_params["steps"])
+    url = os.environ.get("ATM_TEST_COUNTER_URL") or os.environ["REDIS_URL"]
+    with sync_redis.Redis.from_url(url) as client:
+        for step in range(1, total + 1):
+            time.sleep(0.1)
+            client.incr(key)
+            report_progress(done=step, total=total)
+    return JSONResponse({"steps": total})
+
+
 async def die(request: Request) -> JSONResponse:
     """Counts its runs, then kills the worker process running it: a poison request."""
     await incr(request.query_params["key"])
@@ -152,6 +167,7 @@ PROBE_ROUTES = [
     "POST /boom",
     "POST /background",
     "POST /progress",
+    "POST /steps",
     "POST /die",
     "POST /notfound",
     "POST /block",
@@ -175,6 +191,7 @@ def build_probe(
             Route("/boom", boom, methods=["POST"]),
             Route("/background", background, methods=["POST"]),
             Route("/progress", progress, methods=["POST"]),
+            Route("/steps", steps, methods=["POST"]),
             Route("/die", die, methods=["POST"]),
             Route("/notfound", not_found, methods=["POST"]),
             Route("/block", block, methods=["POST"]),

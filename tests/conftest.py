@@ -6,6 +6,7 @@ nothing on disk.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -15,7 +16,7 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
+from asgi_lifespan import LifespanManager, LifespanNotSupported
 
 from tests._servers import RedisServer, Worker, free_port
 
@@ -31,7 +32,7 @@ os.environ["ATM_SECRET_KEY"] = secrets.token_urlsafe(32)
 LOCATION = re.compile(
     r"^(?P<path>.*)/(?P<id>[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12})$"
 )
-FRAMEWORKS = ("fastapi", "starlette", "litestar")
+FRAMEWORKS = ("fastapi", "starlette", "litestar", "quart", "django")
 
 
 @pytest.fixture(scope="session")
@@ -65,9 +66,24 @@ def wordcount_app(request: pytest.FixtureRequest):  # type: ignore[no-untyped-de
 
 # LifespanManager runs the app's lifespan; the client calls the app itself, not manager.app,
 # which would hand every request one shared state dict (Litestar keeps per-request flags there).
+@contextlib.asynccontextmanager
+async def lifespan(app) -> AsyncIterator[None]:  # type: ignore[no-untyped-def]
+    """The app's lifespan, when it has one (Django's ASGI handler has none)."""
+    manager = LifespanManager(app)
+    try:
+        await manager.__aenter__()
+    except LifespanNotSupported:
+        yield
+        return
+    try:
+        yield
+    finally:
+        await manager.__aexit__(None, None, None)
+
+
 @pytest.fixture
 async def client(worker: Worker, wordcount_app) -> AsyncIterator[httpx.AsyncClient]:  # type: ignore[no-untyped-def]
-    async with LifespanManager(wordcount_app), make_client(wordcount_app) as c:
+    async with lifespan(wordcount_app), make_client(wordcount_app) as c:
         yield c
 
 

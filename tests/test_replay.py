@@ -149,6 +149,31 @@ async def test_delete_running_task_stops_it(probe: httpx.AsyncClient) -> None:
     assert (await probe.get(location)).status_code == 404
 
 
+async def test_delete_stops_a_def_endpoint_at_its_next_progress_report(
+    probe: httpx.AsyncClient,
+) -> None:
+    """A ``def`` endpoint runs in a thread no one can stop from outside: deleted, it stops
+    where it next reports progress (``TaskCancelled``), and nothing of it is kept."""
+    key = f"steps-{uuid.uuid4()}"
+    location = await submit(probe, f"/steps?key={key}&steps=100")
+    with anyio.fail_after(10):
+        while int(await redis_get(key) or 0) < 3:
+            await anyio.sleep(0.05)
+    assert (await probe.delete(location)).status_code == 204
+    await anyio.sleep(1.5)  # the beater notices within cancel_check_interval (0.5 s)
+    stopped_at = int(await redis_get(key) or 0)
+    await anyio.sleep(1.0)
+    assert int(await redis_get(key) or 0) == stopped_at < 30
+    assert (await probe.get(location)).status_code == 404
+    task_id = location.rsplit("/", 1)[1]
+    client = redis.asyncio.Redis.from_url(os.environ["REDIS_URL"])
+    try:
+        # The report after the delete wrote no progress back.
+        assert await client.exists(f"celery-task-meta-{task_id}") == 0
+    finally:
+        await client.aclose()
+
+
 async def test_root_path_and_mount(worker: object) -> None:
     from tests.apps import mounted_app
 

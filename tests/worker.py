@@ -39,6 +39,8 @@ register_replay(
         "wordcount-fastapi": "examples.wordcount.fastapi_app:app",
         "wordcount-starlette": "examples.wordcount.starlette_app:app",
         "wordcount-litestar": "examples.wordcount.litestar_app:app",
+        "wordcount-quart": "examples.wordcount.quart_app:app",
+        "wordcount-django": "examples.wordcount.django_app:app",
         "probe": "tests.apps:probe_app",
         "slow-lifespan": "tests.apps:slow_lifespan_app",
     },

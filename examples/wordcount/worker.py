@@ -83,6 +83,8 @@ register_replay(
         "wordcount-fastapi": "examples.wordcount.fastapi_app:app",
         "wordcount-starlette": "examples.wordcount.starlette_app:app",
         "wordcount-litestar": "examples.wordcount.litestar_app:app",
+        "wordcount-quart": "examples.wordcount.quart_app:app",
+        "wordcount-django": "examples.wordcount.django_app:app",
     },
     secret_key=SECRET_KEY,
 )
