@@ -17,7 +17,7 @@ from ._settings import Settings
 from ._status import status
 from ._store import TaskStore
 from ._submit import submit
-from ._types import REPLAY_KEY, ASGIApp, Message, Receive, Scope, Send
+from ._types import REPLAY_KEY, WRAPPED_APPS, ASGIApp, Message, Receive, ReplayMark, Scope, Send
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,7 @@ class AsyncTaskMiddleware:
             raise ConfigurationError(str(exc)) from None
         survive_failover(celery_app)  # before Celery's backend is built: it reads them once
         self._binding = Binding.of(celery_app)
+        WRAPPED_APPS[self._settings.name] = id(app)
         # Redis connections belong to the event loop that opened them; a process normally has
         # one loop, tests and embedded servers may have several.
         self._stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TaskStore] = (
@@ -141,6 +142,10 @@ class AsyncTaskMiddleware:
                     else:
                         await status(*args, target)
                     return
+            else:
+                mark = scope[REPLAY_KEY]
+                if isinstance(mark, ReplayMark):
+                    mark.reached = True
         elif scope["type"] == "lifespan":
             send = self._lifespan_send(send)
         await self.app(scope, receive, send)

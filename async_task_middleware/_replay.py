@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from ._errors import ConfigurationError
 from ._loop import process_loop
-from ._types import REPLAY_KEY, ASGIApp, Message
+from ._types import REPLAY_KEY, WRAPPED_APPS, ASGIApp, Message, ReplayMark
 from ._wire import pack_response, request_scope
 
 
@@ -26,11 +27,34 @@ async def replay(
     lifespan_timeout: float,
 ) -> bytes:
     """Call the app as a server would, the way httpx's ASGITransport does: the body, then
-    ``http.disconnect`` only after the response is complete."""
+    ``http.disconnect`` only after the response is complete.
+
+    The worker may be given the app the server serves or the one the middleware wraps. Inside
+    a mount the served app routes by the path below the server's ``root_path``, while the
+    captured ``root_path`` ends with the mount's prefix: a replay that does not reach the
+    middleware is made again with that ``root_path`` shortened a segment at a time (a mount's
+    router answers the first with a 404 of its own), and one that never does is a clear error.
+    """
     state = await process_loop().start_lifespan(app, lifespan_timeout)
     scope, body = request_scope(envelope, headers)
-    scope["state"] = dict(state)
-    scope[REPLAY_KEY] = True
+    name = str(envelope.get("app", ""))
+    root_path: str = scope["root_path"]
+    while True:
+        mark = ReplayMark()
+        tried = {**scope, "root_path": root_path, "state": dict(state), REPLAY_KEY: mark}
+        packed = await _call(app, tried, body, limit)
+        if mark.reached or WRAPPED_APPS.get(name) == id(app):
+            return packed
+        if not root_path:
+            raise ConfigurationError(
+                f"the replay of {scope['method']} {scope['path']} never reached the middleware "
+                f"named {name!r}: the app the worker has under that name routes it elsewhere. "
+                "Register the app the server serves, or the one the middleware wraps."
+            )
+        root_path = root_path.rsplit("/", 1)[0]
+
+
+async def _call(app: ASGIApp, scope: dict[str, Any], body: bytes, limit: int) -> bytes:
     request_sent = False
     response_done = asyncio.Event()
     status: int | None = None

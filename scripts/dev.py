@@ -62,17 +62,18 @@ def ensure_venv(venv: Path = VENV, base: str = sys.executable) -> Path:
 
 
 def find_python(version: str) -> str | None:
-    """``python3.12`` on PATH, else the newest such one pyenv holds; None if neither."""
-    found = shutil.which(f"python{version}")
-    if found:
-        return found
+    """The newest Python ``version`` pyenv holds, else ``python3.12`` (say) on PATH; None if
+    neither. pyenv's own directory first: its shims answer only for the versions selected."""
     try:
         root = subprocess.run(["pyenv", "root"], capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
-        return None
-    versions = Path(root.stdout.strip(), "versions")
-    candidates = sorted(versions.glob(f"{version}.*/bin/python{version}"))
-    return str(candidates[-1]) if candidates else None
+        root = None
+    if root is not None:
+        versions = Path(root.stdout.strip(), "versions")
+        candidates = sorted(versions.glob(f"{version}.*/bin/python{version}"))
+        if candidates:
+            return str(candidates[-1])
+    return shutil.which(f"python{version}")
 
 
 def free_port() -> int:

@@ -180,6 +180,7 @@ def build_probe(
     """The probe app; the worker replays into ``probe_app``, which has the same endpoints.
     ``outer``: the app's own middleware, in front of ours (as the README places it)."""
     options.setdefault("routes", PROBE_ROUTES)
+    options.setdefault("name", "probe")
     return Starlette(
         routes=[
             Route("/echo", echo, methods=["POST"]),
@@ -203,7 +204,6 @@ def build_probe(
             Middleware(
                 AsyncTaskMiddleware,
                 celery_app=celery,
-                name="probe",
                 secret_key=SECRET_KEY,
                 **options,
             ),
@@ -216,6 +216,14 @@ probe_app = build_probe(celery_app)
 
 # The same probe app behind a mount: its status URLs live under /api.
 mounted_app = Starlette(routes=[Mount("/api", app=probe_app)])
+
+# The same again, registered in the worker as the app the server serves (the mount around
+# it), not as the app the middleware sits in.
+served_mount_app = Starlette(routes=[Mount("/api", app=build_probe(celery_app, name="mounted"))])
+
+# A middleware whose name the worker gives to an app without it: a clear error.
+misregistered_app = build_probe(celery_app, name="misregistered", debug=True)
+elsewhere_app = Starlette(routes=[Route("/health", health)])
 
 # A body must arrive within a second here: the trickle test serves this one with uvicorn.
 strict_app = build_probe(celery_app, body_timeout=1.0)

@@ -174,6 +174,31 @@ async def test_delete_stops_a_def_endpoint_at_its_next_progress_report(
         await client.aclose()
 
 
+async def test_the_served_app_may_be_registered_around_a_mount(worker: object) -> None:
+    """The worker has the app the server serves (a ``Mount("/api", ...)`` around the one the
+    middleware sits in): the replay still reaches the endpoint, with the mount's scope."""
+    from tests.apps import served_mount_app
+
+    async with LifespanManager(served_mount_app), make_client(served_mount_app) as client:
+        location = await submit(client, "/api/echo", content=b"around")
+        done = await final(client, location)
+        assert done.status_code == 200, done.text
+        seen = done.json()
+        assert (seen["path"], seen["root_path"]) == ("/api/echo", "/api")
+        assert base64.b64decode(seen["body"]) == b"around"
+
+
+async def test_an_app_registered_without_the_middleware_is_a_clear_error(
+    worker: object,
+) -> None:
+    from tests.apps import misregistered_app
+
+    async with LifespanManager(misregistered_app), make_client(misregistered_app) as client:
+        done = await final(client, await submit(client, "/echo", content=b"x"))
+        assert done.status_code == 500
+        assert "never reached the middleware named 'misregistered'" in done.json()["detail"]
+
+
 async def test_root_path_and_mount(worker: object) -> None:
     from tests.apps import mounted_app
 

@@ -42,6 +42,8 @@ register_replay(
         "wordcount-quart": "examples.wordcount.quart_app:app",
         "wordcount-django": "examples.wordcount.django_app:app",
         "probe": "tests.apps:probe_app",
+        "mounted": "tests.apps:served_mount_app",
+        "misregistered": "tests.apps:elsewhere_app",
         "slow-lifespan": "tests.apps:slow_lifespan_app",
     },
     secret_key=SECRET_KEY,
