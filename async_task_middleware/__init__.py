@@ -19,6 +19,7 @@ The exceptions, all raised at start or in the worker, never to an HTTP client::
 from ._celery import ConfigurationError
 from ._loop import LifespanFailed, ReplayTimeLimit
 from ._middleware import AsyncTaskMiddleware
+from ._openapi import document_tasks, tasks_openapi
 from ._policy import SealError, header_owner
 from ._progress import TaskCancelled, report_progress
 from ._replay import NoResponse, ResponseTooLarge
@@ -39,7 +40,9 @@ __all__ = [
     "SealError",
     "TaskCancelled",
     "WireFormatError",
+    "document_tasks",
     "header_owner",
     "register_replay",
     "report_progress",
+    "tasks_openapi",
 ]

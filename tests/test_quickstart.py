@@ -48,6 +48,9 @@ async def test_the_quick_start_runs_as_written(tmp_path: Path, logdir: Path) -> 
                 done = await final(client, location, headers=alice)
                 assert done.status_code == 200
                 assert done.json() == {"year": 2024, "total": 42.0}
+                paths = (await client.get("/openapi.json")).json()["paths"]
+                assert "303" in paths["/reports"]["post"]["responses"]
+                assert "/reports/{task_id}" in paths
                 bob = {"authorization": "Bearer bob"}
                 assert (await client.get(location, headers=bob)).status_code == 404
         finally:

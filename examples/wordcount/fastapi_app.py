@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import FastAPI, File, UploadFile
 from fastapi.middleware.cors import CORSMiddleware
 
-from async_task_middleware import AsyncTaskMiddleware
+from async_task_middleware import AsyncTaskMiddleware, document_tasks
 from examples.wordcount.counting import word_count
 from examples.wordcount.worker import CORS, PROTECTION, celery_app
 
@@ -28,6 +28,8 @@ async def health() -> dict[str, bool]:
     return {"ok": True}
 
 
+# /docs shows the protocol: the 303, the status path with its 202 and result, the DELETE.
+document_tasks(app, ["POST /words"])
 app.add_middleware(
     AsyncTaskMiddleware,
     celery_app=celery_app,

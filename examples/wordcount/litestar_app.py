@@ -16,7 +16,7 @@ from litestar.enums import RequestEncodingType
 from litestar.params import Body
 from starlette.middleware.cors import CORSMiddleware
 
-from async_task_middleware import AsyncTaskMiddleware
+from async_task_middleware import AsyncTaskMiddleware, document_tasks
 from examples.wordcount.counting import word_count
 from examples.wordcount.worker import CORS, PROTECTION, celery_app
 
@@ -39,9 +39,13 @@ async def health() -> dict[str, bool]:
     return {"ok": True}
 
 
+litestar_app = Litestar(route_handlers=[count_words, health])
+# /schema shows the protocol: the 303, the status path with its 202 and result, the DELETE.
+document_tasks(litestar_app, ["POST /words"])
+
 app = CORSMiddleware(
     AsyncTaskMiddleware(
-        Litestar(route_handlers=[count_words, health]),
+        litestar_app,
         celery_app=celery_app,
         routes=["POST /words"],
         name="wordcount-litestar",
