@@ -108,6 +108,8 @@ def redis_server_binary() -> str:
 
 
 def example(args: argparse.Namespace) -> None:
+    if listening(args.port):
+        sys.exit(f"port {args.port} is taken by another program: choose one with --port N")
     ensure_venv()
     children: list[subprocess.Popen[bytes]] = []
     rundir = Path(tempfile.mkdtemp(prefix="wordcount-"))
@@ -178,8 +180,6 @@ def example(args: argparse.Namespace) -> None:
         wait_until(lambda: b" ready." in worker_log.read_bytes(), 60, "the Celery worker")
 
         app = f"examples.wordcount.{args.framework}_app:app"
-        if listening(args.port):
-            sys.exit(f"port {args.port} is taken by another program: choose one with --port N")
         say(f"starting the server: uvicorn {app} --port {args.port}")
         server = subprocess.Popen(
             [str(PYTHON), "-m", "uvicorn", app, "--port", str(args.port)], cwd=ROOT, env=env

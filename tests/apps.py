@@ -221,6 +221,12 @@ mounted_app = Starlette(routes=[Mount("/api", app=probe_app)])
 # it), not as the app the middleware sits in.
 served_mount_app = Starlette(routes=[Mount("/api", app=build_probe(celery_app, name="mounted"))])
 
+# Wrapped directly, as a Quart or Django app is; the worker registers the app inside.
+inner_app = Starlette(routes=[Route("/echo", echo, methods=["POST"])])
+wrapped_app = AsyncTaskMiddleware(
+    inner_app, celery_app=celery_app, routes=["POST /echo"], name="inner", secret_key=SECRET_KEY
+)
+
 # A middleware whose name the worker gives to an app without it: a clear error.
 misregistered_app = build_probe(celery_app, name="misregistered", debug=True)
 elsewhere_app = Starlette(routes=[Route("/health", health)])

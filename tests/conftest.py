@@ -58,6 +58,27 @@ def worker(redis_server: RedisServer, logdir: Path) -> Iterator[Worker]:
     proc.stop()
 
 
+@pytest.fixture(scope="module")
+def example_redis(logdir: Path, request: pytest.FixtureRequest) -> Iterator[RedisServer]:
+    """A Redis of the module's own, so that the example's worker is the only one serving it."""
+    module = request.module.__name__.rsplit(".", 1)[-1]
+    with RedisServer(logdir / f"{module}-example-redis") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def example_worker(
+    example_redis: RedisServer, logdir: Path, request: pytest.FixtureRequest
+) -> Iterator[Worker]:
+    """The example's own worker command: ``celery -A examples.wordcount.worker worker``."""
+    module = request.module.__name__.rsplit(".", 1)[-1]
+    env = {"REDIS_URL": example_redis.url}
+    log = logdir / f"{module}-example-worker.log"
+    proc = Worker("examples.wordcount.worker", env, log).start()
+    yield proc
+    proc.stop()
+
+
 @pytest.fixture(params=FRAMEWORKS)
 def wordcount_app(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     module = __import__(f"examples.wordcount.{request.param}_app", fromlist=["app"])

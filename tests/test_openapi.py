@@ -20,19 +20,15 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture(scope="module")
-def served(logdir: Path) -> Iterator[str]:
-    """The FastAPI example under uvicorn, its worker and a Redis of their own."""
-    with RedisServer(logdir / "openapi-redis") as redis_server:
-        env = {"REDIS_URL": redis_server.url}
-        worker = Worker("examples.wordcount.worker", env, logdir / "openapi-worker.log").start()
-        server = Uvicorn(
-            "examples.wordcount.fastapi_app:app", env, logdir / "openapi-uvicorn.log"
-        ).start()
-        try:
-            yield server.url
-        finally:
-            server.stop()
-            worker.stop()
+def served(example_worker: Worker, example_redis: RedisServer, logdir: Path) -> Iterator[str]:
+    """The FastAPI example under uvicorn, with the example's worker and Redis."""
+    env = {"REDIS_URL": example_redis.url}
+    server = Uvicorn("examples.wordcount.fastapi_app:app", env, logdir / "openapi-uvicorn.log")
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 async def test_the_fastapi_schema_shows_the_protocol(served: str) -> None:

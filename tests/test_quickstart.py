@@ -4,6 +4,9 @@ worker and server commands, against a private Redis (the one address the test ch
 from __future__ import annotations
 
 import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -56,3 +59,20 @@ async def test_the_quick_start_runs_as_written(tmp_path: Path, logdir: Path) -> 
         finally:
             server.stop()
             worker.stop()
+
+
+def test_the_example_says_plainly_that_its_port_is_taken() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "scripts/dev.py", "example", "--once", "--port", str(port)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode != 0
+    assert f"port {port} is taken by another program" in done.stderr
+    assert "Traceback" not in done.stderr

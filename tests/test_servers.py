@@ -5,7 +5,6 @@ task store; one Redis and the example's own worker behind them all."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -42,26 +41,12 @@ def command(server: str, port: int) -> list[str]:
 SERVERS = ("uvicorn", "hypercorn", "granian", "gunicorn -w 2")
 
 
-@pytest.fixture(scope="module")
-def redis_for_servers(logdir: Path) -> Iterator[RedisServer]:
-    with RedisServer(logdir / "servers-redis") as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def example_worker(redis_for_servers: RedisServer, logdir: Path) -> Iterator[Worker]:
-    env = {"REDIS_URL": redis_for_servers.url}
-    proc = Worker("examples.wordcount.worker", env, logdir / "servers-worker.log").start()
-    yield proc
-    proc.stop()
-
-
 @pytest.mark.parametrize("server", SERVERS)
 async def test_the_protocol_under_each_server(
-    server: str, example_worker: Worker, redis_for_servers: RedisServer, logdir: Path
+    server: str, example_worker: Worker, example_redis: RedisServer, logdir: Path
 ) -> None:
     port = free_port()
-    env = {"REDIS_URL": redis_for_servers.url}
+    env = {"REDIS_URL": example_redis.url}
     log = logdir / f"server-{server.split()[0]}.log"
     process = Server(command(server, port), port, env, log, server).start()
     try:

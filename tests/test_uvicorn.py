@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -12,22 +11,6 @@ from tests._servers import RedisServer, Uvicorn, Worker
 from tests.conftest import FRAMEWORKS, LOCATION, final
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(scope="module")
-def example_redis(logdir: Path) -> Iterator[RedisServer]:
-    """A Redis of its own, so that the example's worker is the only one serving it."""
-    with RedisServer(logdir / "example-redis") as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def example_worker(example_redis: RedisServer, logdir: Path) -> Iterator[Worker]:
-    """The example's own worker command: ``celery -A examples.wordcount.worker worker``."""
-    env = {"REDIS_URL": example_redis.url}
-    proc = Worker("examples.wordcount.worker", env, logdir / "example-worker.log").start()
-    yield proc
-    proc.stop()
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)

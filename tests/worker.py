@@ -43,6 +43,7 @@ register_replay(
         "wordcount-django": "examples.wordcount.django_app:app",
         "probe": "tests.apps:probe_app",
         "mounted": "tests.apps:served_mount_app",
+        "inner": "tests.apps:inner_app",
         "misregistered": "tests.apps:elsewhere_app",
         "slow-lifespan": "tests.apps:slow_lifespan_app",
     },
