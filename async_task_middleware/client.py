@@ -1,0 +1,216 @@
+"""A client for the protocol: send a request to a long-running route, get its final response.
+
+    async with httpx.AsyncClient(base_url="https://api.example") as http:
+        response = await run_task(http, "POST", "/words", files={"text": open("a.txt", "rb")})
+
+    response = run_task_sync("POST", "https://api.example/words", files={...})
+
+It sends the request with ``Prefer: wait`` (a task done in time answers at once), follows the
+``303`` (or a ``202`` with ``Location``), and then waits for the end: over the event stream when
+an ``on_progress`` callback wants each status as it happens and the server offers one, else by
+long polls (``Prefer: wait``) that fall back to ``Retry-After`` where the server does not hold
+them. The final response is returned as the endpoint sent it, whatever its status; a caller
+that gives up (``timeout``, a cancellation, Ctrl-C) deletes the task on the way out.
+
+Needs ``httpx`` (``pip install "async-task-middleware[client]"``; the command line,
+``python -m async_task_middleware.client``, also uses ``rich``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+
+__all__ = ["Progress", "TaskTimeout", "run_task", "run_task_sync"]
+
+#: Called with each status body while the task runs: ``{"task_id", "status", "progress"}``.
+Progress = Callable[[dict[str, Any]], None]
+
+
+class TaskTimeout(TimeoutError):
+    """The task did not end within ``timeout``; it was deleted (``location`` said where)."""
+
+    def __init__(self, location: str) -> None:
+        super().__init__(f"the task at {location} did not end in time; it was deleted")
+        self.location = location
+
+
+async def run_task(
+    http: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    wait: int = 30,
+    timeout: float | None = None,
+    on_progress: Progress | None = None,
+    **request: Any,
+) -> httpx.Response:
+    """Send the request; return the task's final response. ``wait``: seconds each long poll
+    may be held (the server caps it). ``request``: what ``httpx`` takes (``json=``,
+    ``files=``, ``headers=``...)."""
+    headers = httpx.Headers(request.pop("headers", None))
+    headers.setdefault("prefer", f"wait={wait}")
+    response = await http.request(method, url, headers=headers, **request)
+    location = _location(response)
+    if location is None:
+        return response  # done within the wait, or refused (4xx, 503): as it is
+    try:
+        with anyio.fail_after(timeout):
+            return await _follow(http, location, wait, on_progress)
+    except BaseException as exc:
+        # Given up (a timeout, a cancellation, Ctrl-C): the task goes too.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await http.delete(location)
+        if isinstance(exc, TimeoutError):
+            raise TaskTimeout(location) from None
+        raise
+
+
+def run_task_sync(method: str, url: str, **options: Any) -> httpx.Response:
+    """``run_task`` for code without an event loop, on an ``httpx.AsyncClient`` of its own
+    (``client=``: its settings, e.g. ``{"auth": ..., "verify": ...}``)."""
+    settings = {"timeout": 60.0, **options.pop("client", {})}
+
+    async def main() -> httpx.Response:
+        async with httpx.AsyncClient(**settings) as http:
+            return await run_task(http, method, url, **options)
+
+    return anyio.run(main)
+
+
+def _location(response: httpx.Response) -> str | None:
+    if response.status_code in (202, 303) and "location" in response.headers:
+        return str(response.url.join(response.headers["location"]))
+    return None
+
+
+async def _follow(
+    http: httpx.AsyncClient, location: str, wait: int, on_progress: Progress | None
+) -> httpx.Response:
+    if on_progress is not None and await _stream(http, location, on_progress):
+        return await http.get(location)
+    while True:
+        response = await http.get(location, headers={"prefer": f"wait={wait}"})
+        if response.status_code != 202:
+            return response
+        if on_progress is not None:
+            on_progress(response.json())
+        if "preference-applied" not in response.headers:
+            await anyio.sleep(float(response.headers.get("retry-after", "1")))
+
+
+async def _stream(http: httpx.AsyncClient, location: str, on_progress: Progress) -> bool:
+    """Follow the event stream to its final event: True; False when the server offers none or
+    it ended without one (the caller polls instead)."""
+    headers = {"accept": "text/event-stream"}
+    async with http.stream("GET", location, headers=headers, timeout=None) as response:
+        if not response.headers.get("content-type", "").startswith("text/event-stream"):
+            return False
+        kind, data = "", ""
+        async for line in response.aiter_lines():
+            if line.startswith("event:"):
+                kind = line[6:].strip()
+            elif line.startswith("data:"):
+                data = line[5:].strip()
+            elif not line and kind:
+                if kind in ("done", "failed"):
+                    return True
+                if kind == "status":
+                    on_progress(json.loads(data))
+                kind, data = "", ""
+    return False
+
+
+# -- the command line ------------------------------------------------------------------------
+
+#: Exit codes: the final response's class, a timeout, and the command line's own errors.
+EXIT_OK, EXIT_USAGE, EXIT_TIMEOUT, EXIT_CLIENT_ERROR, EXIT_SERVER_ERROR = 0, 2, 3, 4, 5
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m async_task_middleware.client",
+        description="Send a request to a long-running route and print its final body.",
+    )
+    parser.add_argument("method")
+    parser.add_argument("url")
+    parser.add_argument("-F", "--form", action="append", default=[], help="name=value, name=@file")
+    parser.add_argument("-d", "--data", help="the body; @file reads it from a file")
+    parser.add_argument("-H", "--header", action="append", default=[], help="'Name: value'")
+    parser.add_argument("--timeout", type=float, help="give up (and delete the task) after S")
+    parser.add_argument("--no-wait", action="store_true", help="print the status URL and exit")
+    args = parser.parse_args(argv)
+    request: dict[str, Any] = {"headers": dict(_header(h) for h in args.header)}
+    data, files = {}, {}
+    for field in args.form:
+        name, _, value = field.partition("=")
+        if value.startswith("@"):
+            path = Path(value[1:])
+            files[name] = (path.name, path.read_bytes())
+        else:
+            data[name] = value
+    if args.data is not None:
+        raw = args.data
+        request["content"] = Path(raw[1:]).read_bytes() if raw.startswith("@") else raw.encode()
+    elif files or data:
+        request.update(files=files or None, data=data or None)
+    if args.no_wait:
+        request["headers"]["prefer"] = "respond-async"
+        response = httpx.request(args.method, args.url, timeout=60, **request)
+        location = _location(response)
+        print(location if location is not None else response.text)
+        return EXIT_OK if location is not None else _exit_code(response)
+    from rich.console import Console
+    from rich.progress import Progress as Bar
+
+    try:
+        with Bar(console=Console(stderr=True), transient=True) as bar:
+            response = run_task_sync(
+                args.method, args.url, timeout=args.timeout, on_progress=_shown(bar), **request
+            )
+    except TaskTimeout as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_TIMEOUT
+    sys.stdout.write(response.text + ("" if response.text.endswith("\n") else "\n"))
+    return _exit_code(response)
+
+
+def _header(line: str) -> tuple[str, str]:
+    name, _, value = line.partition(":")
+    return name.strip(), value.strip()
+
+
+def _exit_code(response: httpx.Response) -> int:
+    if response.status_code >= 500:
+        return EXIT_SERVER_ERROR
+    return EXIT_CLIENT_ERROR if response.status_code >= 400 else EXIT_OK
+
+
+def _shown(bar: Any) -> Progress:
+    """Each status on ``bar`` (a live ``rich`` bar on stderr): the status, and done/total when
+    the endpoint reports them."""
+    task = bar.add_task("queued", total=None)
+
+    def show(status: dict[str, Any]) -> None:
+        progress = status.get("progress") or {}
+        done, total = progress.get("done"), progress.get("total")
+        numbers = isinstance(done, int | float) and isinstance(total, int | float)
+        bar.update(
+            task,
+            description=str(status.get("status")),
+            completed=done if numbers else 0,
+            total=total if numbers else None,
+        )
+
+    return show
+
+
+if __name__ == "__main__":
+    sys.exit(main())
