@@ -256,7 +256,8 @@ class Binding:
             TASK_NAME,
             args=({**envelope, "body": marker},),
             kwargs={},
-            argsrepr="(<request>)",  # never the body in a worker's log
+            # What Flower and the worker's log show: the route, never the body.
+            argsrepr=repr((str(envelope.get("route", "")),)),
             kwargsrepr="{}",
             # A route's own limit; Celery's hard limit, the prefork pool's last resort, after.
             time_limit=None if time_limit is None else time_limit + 2 * HARD_LIMIT_GRACE,

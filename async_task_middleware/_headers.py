@@ -1,5 +1,7 @@
-"""The request headers the protocol reads: ``Prefer`` (RFC 7240) and ``Idempotency-Key`` (the
-IETF httpapi draft), parsed by small total functions that never raise on hostile input."""
+"""The request headers the protocol reads: ``Prefer`` (RFC 7240), ``Idempotency-Key`` (the
+IETF httpapi draft), and the request id an operator joins the logs by (``X-Request-ID``, or the
+trace id of a W3C ``traceparent``), parsed by small total functions that never raise on
+hostile input."""
 
 from __future__ import annotations
 
@@ -11,6 +13,10 @@ from dataclasses import dataclass
 _PREFERENCE = re.compile(r'\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*(?:=\s*("[^"]*"|[^\s;,]*))?')
 # Visible ASCII, 1 to 255 characters.
 _KEY = re.compile(rb"[\x21-\x7e]{1,255}")
+# What a log line may show of a client's request id: no spaces, quotes or control characters.
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=-]{1,128}")
+# W3C Trace Context: version-traceid-parentid-flags; an all-zero trace id is invalid.
+_TRACEPARENT = re.compile(rb"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,3 +75,17 @@ def idempotency_key(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
     if not _KEY.fullmatch(key):
         raise BadIdempotencyKey("an Idempotency-Key is 1 to 255 visible ASCII characters")
     return key
+
+
+def request_id(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The request's id for the logs: ``X-Request-ID`` when it is a plain token, else the
+    trace id of a valid ``traceparent``, else None (a hostile value is left out, not logged)."""
+    trace: str | None = None
+    for name, value in headers:
+        if name == b"x-request-id" and _REQUEST_ID.fullmatch(value):
+            return value.decode("ascii")
+        if name == b"traceparent" and trace is None:
+            match = _TRACEPARENT.fullmatch(value.strip())
+            if match and match[1] != b"0" * 32:
+                trace = match[1].decode("ascii")
+    return trace

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,7 +24,7 @@ import anyio.to_thread
 
 from ._celery import TASK_NAME, Binding
 from ._events import Note
-from ._headers import BadIdempotencyKey, Prefer, idempotency_key, parse_prefer
+from ._headers import BadIdempotencyKey, Prefer, idempotency_key, parse_prefer, request_id
 from ._policy import split_headers
 from ._responses import Problem, send_problem, send_response
 from ._routes import Submit
@@ -113,6 +114,11 @@ async def submit(
     )
     if route.time_limit is not None:
         envelope["time_limit"] = route.time_limit
+    # For the logs on both sides: the client's request id, and when the task was submitted.
+    rid = request_id(headers)
+    if rid is not None:
+        envelope["request_id"] = rid
+    envelope["submitted"] = time.time()
     prefer = parse_prefer(headers)
     wait = _wait(prefer, route.wait, settings.max_wait)
     retry_after = [(b"retry-after", b"%d" % settings.retry_after)]
@@ -145,6 +151,8 @@ async def submit(
         if outcome is Outcome.REFUSED:
             await send_problem(send, Problem.UNAVAILABLE, instance, headers=retry_after)
             return
+        if outcome is Outcome.ACCEPTED:
+            logger.info("task %s submitted: %s (request %s)", task_id, sub.route, rid or "-")
         status_path = f"{target.location}/{task_id}"
         status_url = location(settings, scope, status_path)
         if wait:
@@ -260,7 +268,7 @@ async def _publish_through_celery(
         TASK_NAME,
         args=(envelope,),
         task_id=sub.task_id,
-        argsrepr="(<request>)",
+        argsrepr=repr((sub.route,)),  # what Flower shows: "POST /words", never the body
         retry=False,
         **options,
     )

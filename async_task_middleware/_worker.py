@@ -9,10 +9,9 @@ stores the outcome ready to send (``FINISH``).
 from __future__ import annotations
 
 import concurrent.futures
-import importlib
 import logging
 import os
-import threading
+import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -23,6 +22,7 @@ from celery.exceptions import Ignore
 from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from . import _consumer, _scripts
+from ._apps import Apps
 from ._beat import Beat, process_beater
 from ._celery import (
     HARD_LIMIT_GRACE,
@@ -41,7 +41,7 @@ from ._progress import TaskCancelled
 from ._replay import replay
 from ._sweep import Sweeper
 from ._types import ASGIApp
-from ._wire import check
+from ._wire import check, unpack_response
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def register_replay(
         celery_app, soft_limit, leases=leases, amqp_consumer_timeout=amqp_consumer_timeout
     )
     heartbeat_ms = int(max(5.0, 4 * cancel_check_interval) * 1000)
-    registry = _Apps(apps)
+    registry = Apps(apps)
     scripts: dict[int, tuple[Any, Any]] = {}
     _watch_worker(celery_app, leases)
 
@@ -126,13 +126,14 @@ def register_replay(
         begin, finish = scripts[id(store)]
         record_key, heartbeat_key = binding.record_key(task_id), binding.heartbeat_key(task_id)
         check(envelope)  # a foreign or damaged message fails here, stored as its failure
+        rid = str(envelope.get("request_id") or "-")  # the client's, to join the web's logs
         owner_set = binding.owner_set_key(envelope.get("owner"))
 
         def drop() -> None:
             # Deleted, expired, or never fully submitted: nothing runs, nothing is stored.
             stale = (binding.meta_key(task_id), binding.attempts_key(task_id), heartbeat_key)
             again(lambda: store.delete(*stale), "dropping a task")
-            logger.info("task %s dropped: its submission record is gone", task_id)
+            logger.info("task %s dropped: its record is gone (request %s)", task_id, rid)
             raise Ignore()
 
         channel = binding.events_channel(task_id)
@@ -165,6 +166,14 @@ def register_replay(
             task.backend.mark_as_failure(task_id, AttemptsExhausted(attempts - 1))
             finished(_scripts.FAILED)
             raise Ignore()
+        submitted = envelope.get("submitted")
+        queued = time.time() - submitted if isinstance(submitted, float | int) else -1.0
+        route = envelope.get("route")
+        logger.info(
+            "task %s started: %s, attempt %d, %.3f s after submission (request %s)",
+            *(task_id, route, attempts, queued, rid),
+        )
+        began = time.monotonic()
         try:
             app = registry.get(str(envelope.get("app", "")))
             headers = join_headers(envelope["headers"], envelope.get("sealed"), keys)
@@ -209,10 +218,15 @@ def register_replay(
             raise
         except BaseException:
             finished(_scripts.FAILED)  # leave the owner's unfinished tasks; Celery has the error
+            took = time.monotonic() - began
+            logger.info("task %s failed after %.3f s (request %s)", task_id, took, rid)
             raise
         # A record deleted while the replay ran keeps nothing.
         if not finished(packed):
             drop()
+        took = time.monotonic() - began
+        code = unpack_response(packed)[0]
+        logger.info("task %s finished: %d in %.3f s (request %s)", task_id, code, took, rid)
         return {"v": 1, "stored": True}
 
     task: Task = celery_app.task(
@@ -289,31 +303,3 @@ def _watch_worker(celery_app: Celery, leases: bool) -> None:
     worker_init.connect(check_settings, weak=False)
     worker_ready.connect(start_threads, weak=False)
     worker_shutdown.connect(stop_threads, weak=False)
-
-
-class _Apps:
-    """The apps one worker serves, by name, imported on first use."""
-
-    def __init__(self, apps: Mapping[str, ASGIApp | str]) -> None:
-        self._specs = dict(apps)
-        self._resolved: dict[str, ASGIApp] = {}
-        self._lock = threading.Lock()
-
-    def get(self, name: str) -> ASGIApp:
-        with self._lock:
-            app = self._resolved.get(name)
-            if app is None:
-                spec = self._specs.get(name)
-                if spec is None:
-                    raise LookupError(f"no app named {name!r} is registered in this worker")
-                app = _import(spec) if isinstance(spec, str) else spec
-                self._resolved[name] = app
-            return app
-
-
-def _import(spec: str) -> ASGIApp:
-    module, sep, attribute = spec.partition(":")
-    if not sep:
-        raise ConfigurationError(f"app {spec!r} is not of the form 'package.module:attribute'")
-    app: ASGIApp = getattr(importlib.import_module(module), attribute)
-    return app

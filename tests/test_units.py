@@ -311,7 +311,8 @@ def test_register_replay_twice_refused() -> None:
 
 def test_public_names() -> None:
     public = {name for name in dir(async_task_middleware) if not name.startswith("_")}
-    assert public == set(async_task_middleware.__all__)
+    # The client is a submodule of its own (its extra's httpx), there once it is imported.
+    assert public - {"client"} == set(async_task_middleware.__all__)
     for name in async_task_middleware.__all__:
         assert getattr(async_task_middleware, name).__module__.startswith("async_task_middleware")
 
@@ -322,3 +323,40 @@ def test_example_word_count_over_chunks(size: int) -> None:
 
     text = ("lorem ipsum dolor " * (size // 18 + 1))[:size]
     assert word_count(text) == len(text.split())
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ([(b"x-request-id", b"req-42.a:b/c+d=")], "req-42.a:b/c+d="),
+        (
+            [(b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")],
+            "4bf92f3577b34da6a3ce929d0e0e4736",
+        ),
+        # X-Request-ID wins over traceparent, wherever it comes.
+        (
+            [
+                (b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+                (b"x-request-id", b"mine"),
+            ],
+            "mine",
+        ),
+        # Hostile or malformed: left out, never logged.
+        ([(b"x-request-id", b"a\x1b[31mred")], None),
+        ([(b"x-request-id", b"line\nbreak")], None),
+        ([(b"x-request-id", b"has space")], None),
+        ([(b"x-request-id", b"x" * 129)], None),
+        ([(b"x-request-id", b"")], None),
+        ([(b"x-request-id", "é".encode())], None),
+        ([(b"traceparent", b"00-" + b"0" * 32 + b"-00f067aa0ba902b7-01")], None),
+        ([(b"traceparent", b"00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01")], None),
+        ([(b"traceparent", b"00-4bf92f35-00f067aa0ba902b7-01")], None),
+        ([], None),
+    ],
+)
+def test_request_id_takes_only_plain_tokens(
+    headers: list[tuple[bytes, bytes]], expected: str | None
+) -> None:
+    from async_task_middleware._headers import request_id
+
+    assert request_id(headers) == expected
