@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from asgi_lifespan import LifespanManager
 
 from async_task_middleware.client import TaskTimeout, run_task, run_task_sync
 from tests._servers import RedisServer, Uvicorn, Worker
@@ -63,7 +64,7 @@ def test_run_task_sync(served: str) -> None:
 async def test_a_caller_that_gives_up_deletes_the_task(worker: object) -> None:
     from tests.apps import probe_app
 
-    async with make_client(probe_app) as http:
+    async with LifespanManager(probe_app), make_client(probe_app) as http:
         started = time.monotonic()
         with pytest.raises(TaskTimeout) as raised:
             await run_task(http, "POST", "/slow?seconds=20", timeout=1.5, wait=1)
@@ -82,9 +83,10 @@ async def test_a_cancelled_caller_deletes_the_task_too(worker: object) -> None:
 
     transport = httpx.ASGITransport(app=probe_app)
     hooks = {"response": [note]}
-    async with httpx.AsyncClient(
-        transport=transport, base_url="http://testserver", event_hooks=hooks
-    ) as http:
+    async with (
+        LifespanManager(probe_app),
+        httpx.AsyncClient(transport=transport, base_url="http://t", event_hooks=hooks) as http,
+    ):
         with anyio.move_on_after(1.5):
             await run_task(http, "POST", "/slow?seconds=20", wait=1)
         assert locations

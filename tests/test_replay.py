@@ -192,7 +192,7 @@ async def test_the_served_app_may_be_registered_around_a_mount(worker: object) -
 async def test_the_app_the_middleware_wraps_may_be_registered(worker: object) -> None:
     from tests.apps import wrapped_app
 
-    async with make_client(wrapped_app) as client:
+    async with LifespanManager(wrapped_app), make_client(wrapped_app) as client:
         done = await final(client, await submit(client, "/echo", content=b"inside"))
         assert done.status_code == 200, done.text
         assert base64.b64decode(done.json()["body"]) == b"inside"
