@@ -214,8 +214,26 @@ END_TO_END = [
 ]
 
 
+def ensure_chromium() -> None:
+    """Debian's chromium for the demo page's browser test, installed where this may (root,
+    apt-get); elsewhere that test is skipped, saying why."""
+    if shutil.which("chromium") or not shutil.which("apt-get") or os.geteuid() != 0:
+        return
+    say("installing chromium (Debian's package) for the demo page's browser test")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+
+    def apt(*args: str) -> bool:
+        done = subprocess.run(["apt-get", *args], env=env, stdout=subprocess.DEVNULL)
+        return done.returncode == 0
+
+    if not apt("install", "-y", "-q", "chromium"):
+        apt("update", "-q")
+        apt("install", "-y", "-q", "chromium")
+
+
 def test(pytest_args: list[str]) -> None:
     python = ensure_venv()
+    ensure_chromium()
     bin_ = VENV / "bin"
     pytest = [str(python), "-m", "pytest"]
     steps: list[tuple[list[str], dict[str, str]]] = [

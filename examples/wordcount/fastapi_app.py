@@ -5,9 +5,11 @@ that the app's own middleware (here CORS; authentication and rate limits alike) 
 of it, on submissions and status URLs.
 """
 
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import FastAPI, File, UploadFile
+from fastapi.responses import HTMLResponse
 from fastapi.middleware.cors import CORSMiddleware
 
 from async_task_middleware import AsyncTaskMiddleware, document_tasks
@@ -21,6 +23,12 @@ app = FastAPI(title="word count")
 async def count_words(text: Annotated[UploadFile, File()]) -> dict[str, int]:
     content = (await text.read()).decode()
     return {"count": word_count(content)}
+
+
+@app.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def demo() -> str:
+    """The demo page: pick a file, watch the task's progress live, see the count, or cancel."""
+    return (Path(__file__).parent / "demo.html").read_text()
 
 
 @app.get("/health")

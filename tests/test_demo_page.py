@@ -1,0 +1,89 @@
+"""The FastAPI example's demo page in a real browser (headless Chromium, driven by Playwright),
+clicked as a user would: a file counted with live progress, and a queued task cancelled."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests._servers import RedisServer, Uvicorn, Worker
+
+pytestmark = pytest.mark.anyio
+
+CHROMIUM = shutil.which("chromium")
+if CHROMIUM is None:  # scripts/dev.py test installs Debian's chromium where it can
+    pytest.skip("no chromium on PATH", allow_module_level=True)
+
+playwright = pytest.importorskip("playwright.async_api")
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[object]:
+    async with playwright.async_playwright() as p:
+        launched = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+@pytest.fixture(scope="module")
+def served(example_worker: Worker, example_redis: RedisServer, logdir: Path) -> Iterator[str]:
+    env = {"REDIS_URL": example_redis.url}
+    server = Uvicorn("examples.wordcount.fastapi_app:app", env, logdir / "demo-uvicorn.log")
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+async def test_the_page_counts_a_file_with_live_progress(
+    browser: object, served: str, tmp_path: Path, logdir: Path
+) -> None:
+    words = 700_000  # about 3.4 MiB: the count reports progress per MiB
+    text = tmp_path / "text.txt"
+    text.write_text("word " * words)
+    page = await browser.new_page()  # type: ignore[attr-defined]
+    await page.goto(served)
+    await page.set_input_files("#file", str(text))
+    await page.click("#submit")
+    await page.wait_for_selector("#result:not(.hidden)", timeout=30_000)
+    assert await page.text_content("#count") == str(words)
+    assert await page.text_content("#status") == "done"
+    task_id = await page.text_content("#task-id")
+    assert task_id is not None
+    assert len(task_id) == 36
+    await page.screenshot(path=str(logdir / "demo-page-done.png"))
+
+
+async def test_the_cancel_button_deletes_a_queued_task(
+    browser: object, tmp_path: Path, logdir: Path
+) -> None:
+    # A Redis with no worker: the task stays queued until the button deletes it.
+    with RedisServer(logdir / "demo-idle-redis") as idle:
+        server = Uvicorn(
+            "examples.wordcount.fastapi_app:app",
+            {"REDIS_URL": idle.url},
+            logdir / "demo-idle-uvicorn.log",
+        ).start()
+        try:
+            text = tmp_path / "text.txt"
+            text.write_text("a few words")
+            page = await browser.new_page()  # type: ignore[attr-defined]
+            await page.goto(server.url)
+            await page.set_input_files("#file", str(text))
+            await page.click("#submit")
+            await page.wait_for_selector("#status:text('queued')", timeout=10_000)
+            await page.click("#cancel")
+            await page.wait_for_selector("#status:text('cancelled')", timeout=10_000)
+            await page.screenshot(path=str(logdir / "demo-page-cancelled.png"))
+            task_id = await page.text_content("#task-id")
+            async with httpx.AsyncClient(base_url=server.url) as client:
+                assert (await client.get(f"/words/{task_id}")).status_code == 404
+        finally:
+            server.stop()
