@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import FastAPI, File, UploadFile
-from fastapi.responses import HTMLResponse
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse
 
 from async_task_middleware import AsyncTaskMiddleware, document_tasks
 from examples.wordcount.counting import word_count
