@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 
 from celery import Celery
 
+from . import _metrics
 from ._celery import Binding, ConfigurationError, survive_failover
 from ._deployment import CLUSTER_REFUSED
 from ._policy import Owner, SecretKey
@@ -138,6 +139,8 @@ class AsyncTaskMiddleware:
                 if target is not None:
                     args = (self._settings, self._binding, self._store(), scope, receive, send)
                     if isinstance(target, Submit):
+                        if _metrics.ENABLED:
+                            args = (*args[:-1], _metrics.counting(send, target.spec))
                         await submit(*args, target)
                     else:
                         await status(*args, target)

@@ -17,6 +17,7 @@ import hashlib
 import json
 from typing import Any
 
+from ._metrics import waiting
 from ._store import StoreUnavailable, TaskState, TaskStore
 from ._types import Receive, Scope, Send
 from ._wait import disconnected
@@ -85,34 +86,35 @@ async def stream_events(
         await send({"type": "http.response.body", "body": chunk, "more_body": more})
 
     last_sent = _last_event_id(scope)
-    try:
-        while not gone.done():
-            async with store.events.listen(channel, 1.0) as notes:
-                while True:
-                    state = await store.read_batched(task_id)
-                    if state.final:
-                        await emit(_final(state, location), more=False)
-                        return
-                    event_id, chunk = _event("status", state.summary(task_id))
-                    if event_id != last_sent:
-                        await emit(chunk)
-                        last_sent = event_id
-                    note = loop.create_task(notes.get())
-                    done, _ = await asyncio.wait(
-                        {note, gone}, timeout=HEARTBEAT, return_when="FIRST_COMPLETED"
-                    )
-                    if gone in done:
-                        note.cancel()
-                        return
-                    if note not in done:
-                        note.cancel()
-                        await emit(b": keep-alive\n\n")
-                    elif note.result() is None:
-                        break  # the subscription was lost: subscribe again
-            await asyncio.wait({gone}, timeout=1.0)
-    except StoreUnavailable:
-        await emit(b"", more=False)  # the client reconnects with Last-Event-ID
-    finally:
-        gone.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await gone
+    with waiting():  # a held stream, in the waiters gauge
+        try:
+            while not gone.done():
+                async with store.events.listen(channel, 1.0) as notes:
+                    while True:
+                        state = await store.read_batched(task_id)
+                        if state.final:
+                            await emit(_final(state, location), more=False)
+                            return
+                        event_id, chunk = _event("status", state.summary(task_id))
+                        if event_id != last_sent:
+                            await emit(chunk)
+                            last_sent = event_id
+                        note = loop.create_task(notes.get())
+                        done, _ = await asyncio.wait(
+                            {note, gone}, timeout=HEARTBEAT, return_when="FIRST_COMPLETED"
+                        )
+                        if gone in done:
+                            note.cancel()
+                            return
+                        if note not in done:
+                            note.cancel()
+                            await emit(b": keep-alive\n\n")
+                        elif note.result() is None:
+                            break  # the subscription was lost: subscribe again
+                await asyncio.wait({gone}, timeout=1.0)
+        except StoreUnavailable:
+            await emit(b"", more=False)  # the client reconnects with Last-Event-ID
+        finally:
+            gone.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await gone

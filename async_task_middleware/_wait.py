@@ -12,6 +12,7 @@ import contextlib
 from typing import Any
 
 from ._events import Note
+from ._metrics import waiting
 from ._store import TaskState, TaskStore
 from ._types import Receive
 
@@ -29,10 +30,11 @@ async def wait_for_end(
 ) -> TaskState | None:
     """The task's state once it ended, or after ``seconds``; None when the client left.
     ``notes``: a subscription already opened (before the task was submitted)."""
-    if notes is None:
-        async with store.events.listen(channel, min(seconds, _CONFIRM_TIMEOUT)) as opened:
-            return await _wait(store, task_id, seconds, receive, opened)
-    return await _wait(store, task_id, seconds, receive, notes)
+    with waiting():
+        if notes is None:
+            async with store.events.listen(channel, min(seconds, _CONFIRM_TIMEOUT)) as opened:
+                return await _wait(store, task_id, seconds, receive, opened)
+        return await _wait(store, task_id, seconds, receive, notes)
 
 
 async def _wait(

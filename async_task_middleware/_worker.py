@@ -36,6 +36,7 @@ from ._celery import (
 from ._deployment import again
 from ._lease import LeaseKeeper
 from ._loop import ReplayTimeLimit, process_loop, replace_process_loop
+from ._metrics import replayed
 from ._policy import Keys, SecretKey, join_headers
 from ._progress import TaskCancelled
 from ._replay import replay
@@ -220,6 +221,7 @@ def register_replay(
             finished(_scripts.FAILED)  # leave the owner's unfinished tasks; Celery has the error
             took = time.monotonic() - began
             logger.info("task %s failed after %.3f s (request %s)", task_id, took, rid)
+            replayed(route, queued, took, "failed")
             raise
         # A record deleted while the replay ran keeps nothing.
         if not finished(packed):
@@ -227,6 +229,7 @@ def register_replay(
         took = time.monotonic() - began
         code = unpack_response(packed)[0]
         logger.info("task %s finished: %d in %.3f s (request %s)", task_id, code, took, rid)
+        replayed(route, queued, took, str(code))
         return {"v": 1, "stored": True}
 
     task: Task = celery_app.task(

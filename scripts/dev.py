@@ -56,7 +56,7 @@ def ensure_venv(venv: Path = VENV, base: str = sys.executable) -> Path:
     say(f"installing the project with its examples and test extras into {venv.name}")
     pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     subprocess.run([*pip, "--upgrade", "pip"], check=True, cwd=ROOT)
-    subprocess.run([*pip, "-e", ".[client,examples,test,bench]"], check=True, cwd=ROOT)
+    subprocess.run([*pip, "-e", ".[client,metrics,examples,test,bench]"], check=True, cwd=ROOT)
     stamp.write_text(wanted)
     return python
 

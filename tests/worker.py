@@ -57,3 +57,9 @@ register_replay(
 if os.environ.get("ATM_TEST_LATE_EXTENDED"):
     # A setting changed after registration: the worker must still refuse it where it starts.
     celery_app.conf.result_extended = True
+
+if os.environ.get("ATM_TEST_METRICS_PORT"):
+    # A threads-pool worker runs its replays in this process: its metrics are served here.
+    import prometheus_client
+
+    prometheus_client.start_http_server(int(os.environ["ATM_TEST_METRICS_PORT"]))

@@ -1,0 +1,85 @@
+"""The metrics, scraped as an operator would: the web side's from the default registry, the
+worker's from its own endpoint (a threads-pool worker: its replays run in its one process)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import httpx
+import prometheus_client
+import pytest
+from asgi_lifespan import LifespanManager
+
+from tests._servers import RedisServer, Worker, free_port
+from tests.conftest import final, make_client, submit
+
+pytestmark = pytest.mark.anyio
+
+
+def sample(name: str, **labels: str) -> float:
+    value = prometheus_client.REGISTRY.get_sample_value(name, labels)
+    return value or 0.0
+
+
+async def test_the_web_side_counts_answers_and_waiters(worker: object) -> None:
+    from tests.apps import probe_app
+
+    route = "POST /slow"
+    before_303 = sample("async_task_middleware_submissions_total", route=route, answer="303")
+    before_413 = sample("async_task_middleware_submissions_total", route=route, answer="413")
+    async with LifespanManager(probe_app), make_client(probe_app) as client:
+        location = await submit(client, "/slow?seconds=1.5")
+        big = b"x" * (10 * 1024 * 1024 + 1)
+        assert (await client.post("/slow", content=big)).status_code == 413
+        held: list[float] = []
+
+        async def watch() -> None:
+            await anyio.sleep(0.5)
+            held.append(sample("async_task_middleware_waiters"))
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(watch)
+            done = await client.get(location, headers={"prefer": "wait=10"})
+        assert done.status_code == 200
+    after = sample("async_task_middleware_submissions_total", route=route, answer="303")
+    assert after == before_303 + 1
+    after = sample("async_task_middleware_submissions_total", route=route, answer="413")
+    assert after == before_413 + 1
+    assert held == [1.0]
+    assert sample("async_task_middleware_waiters") == 0.0
+
+
+@pytest.fixture(scope="module")
+def metered_worker(logdir: Path) -> Iterator[tuple[RedisServer, int]]:
+    with RedisServer(logdir / "metrics-redis") as server:
+        port = free_port()
+        env = {"REDIS_URL": server.url, "BROKER_URL": "", "ATM_TEST_METRICS_PORT": str(port)}
+        proc = Worker("tests.worker", env, logdir / "metrics-worker.log", pool="threads")
+        proc.start()
+        try:
+            yield server, port
+        finally:
+            proc.stop()
+
+
+async def test_the_worker_times_queue_waits_and_replays(
+    metered_worker: tuple[RedisServer, int],
+) -> None:
+    from celery import Celery
+
+    from tests.apps import build_probe
+
+    server, port = metered_worker
+    app = build_probe(Celery("metered", broker=server.url, backend=server.url))
+    async with LifespanManager(app), make_client(app) as client:
+        ok = await final(client, await submit(client, "/echo", content=uuid.uuid4().bytes))
+        failed = await final(client, await submit(client, "/boom"))
+    assert (ok.status_code, failed.status_code) == (200, 500)
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    replays = "async_task_middleware_replay_seconds_count"
+    assert f'{replays}{{outcome="200",route="POST /echo"}} 1.0' in text
+    assert f'{replays}{{outcome="failed",route="POST /boom"}} 1.0' in text
+    assert 'async_task_middleware_queue_wait_seconds_count{route="POST /echo"} 1.0' in text
