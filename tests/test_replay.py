@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import os
 import uuid
-from pathlib import Path
 
 import anyio
 import httpx
@@ -207,36 +206,6 @@ async def test_an_app_registered_without_the_middleware_is_a_clear_error(
         done = await final(client, await submit(client, "/echo", content=b"x"))
         assert done.status_code == 500
         assert "never reached the middleware named 'misregistered'" in done.json()["detail"]
-
-
-async def test_the_request_id_joins_the_web_and_worker_logs(
-    probe: httpx.AsyncClient, logdir: Path
-) -> None:
-    """``X-Request-ID`` (or a ``traceparent``'s trace id) is in the worker's INFO lines for
-    the replay, beside the task id; the replay itself sees the header as sent."""
-    trace_id = uuid.uuid4().hex
-    sent = {
-        "x-request-id": f"req-{uuid.uuid4().hex[:12]}",
-        "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01",
-    }
-    for headers, expected in (
-        (sent, sent["x-request-id"]),
-        ({"traceparent": sent["traceparent"]}, trace_id),
-    ):
-        location = await submit(probe, "/echo", content=b"x", headers=headers)
-        done = await final(probe, location)
-        assert dict(done.json()["headers"]).get(next(iter(headers))) == next(iter(headers.values()))
-        task_id = location.rsplit("/", 1)[1]
-
-        def logged(event: str, task_id: str = task_id, expected: str = expected) -> bool:
-            # The worker logs "finished" just after storing the result: it may trail the 200.
-            log = (logdir / "worker.log").read_text()
-            lines = [line for line in log.splitlines() if task_id in line and "INFO" in line]
-            return any(event in line and expected in line for line in lines)
-
-        with anyio.fail_after(10):
-            while not (logged("started: POST /echo") and logged("finished: 200")):
-                await anyio.sleep(0.1)
 
 
 async def test_root_path_and_mount(worker: object) -> None:

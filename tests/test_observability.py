@@ -1,5 +1,6 @@
-"""The metrics, scraped as an operator would: the web side's from the default registry, the
-worker's from its own endpoint (a threads-pool worker: its replays run in its one process)."""
+"""Observability: the metrics, scraped as an operator would (the web side's from the default
+registry, the worker's from its own endpoint: a threads-pool worker runs its replays in its one
+process), and the request id in the worker's log lines."""
 
 from __future__ import annotations
 
@@ -83,3 +84,39 @@ async def test_the_worker_times_queue_waits_and_replays(
     assert f'{replays}{{outcome="200",route="POST /echo"}} 1.0' in text
     assert f'{replays}{{outcome="failed",route="POST /boom"}} 1.0' in text
     assert 'async_task_middleware_queue_wait_seconds_count{route="POST /echo"} 1.0' in text
+
+
+async def test_the_request_id_joins_the_web_and_worker_logs(
+    metered_worker: tuple[RedisServer, int], logdir: Path
+) -> None:
+    """``X-Request-ID`` (or a ``traceparent``'s trace id) is in the worker's INFO lines for
+    the replay, beside the task id; the replay itself sees the header as sent."""
+    from celery import Celery
+
+    from tests.apps import build_probe
+
+    server, _ = metered_worker
+    app = build_probe(Celery("logged", broker=server.url, backend=server.url))
+    trace_id = uuid.uuid4().hex
+    sent = {
+        "x-request-id": f"req-{uuid.uuid4().hex[:12]}",
+        "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01",
+    }
+    cases = ((sent, sent["x-request-id"]), ({"traceparent": sent["traceparent"]}, trace_id))
+    async with LifespanManager(app), make_client(app) as client:
+        for headers, expected in cases:
+            location = await submit(client, "/echo", content=b"x", headers=headers)
+            done = await final(client, location)
+            name, value = next(iter(headers.items()))
+            assert dict(done.json()["headers"]).get(name) == value
+            task_id = location.rsplit("/", 1)[1]
+
+            def logged(event: str, task_id: str = task_id, expected: str = expected) -> bool:
+                # The worker logs "finished" just after storing the result: it may trail the 200.
+                log = (logdir / "metrics-worker.log").read_text()
+                lines = [line for line in log.splitlines() if task_id in line]
+                return any(event in line and expected in line for line in lines)
+
+            with anyio.fail_after(10):
+                while not (logged("started: POST /echo") and logged("finished: 200")):
+                    await anyio.sleep(0.1)
