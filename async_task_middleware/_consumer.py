@@ -1,10 +1,16 @@
-"""Celery's worker consumer, with one change for the replay task's messages.
+"""Celery's worker consumer, with two changes.
 
 Celery acknowledges a message it cannot decode, logs it whole and moves on: the task's record
 would then say "queued" until it expires, a day later, and the log would hold the request. For
 a message that names the replay task, this consumer stores the failure instead (the status URL
-answers 500) and logs only the id. ``register_replay`` installs it unless the app has chosen a
-consumer class of its own.
+answers 500) and logs only the id.
+
+When Redis dies under it, Celery closes the broken connection before reconnecting; kombu's
+Redis channel then tries to give back its unacknowledged messages through that connection,
+which may already have no client: an ``AttributeError`` that Celery takes for unrecoverable,
+and the worker exits (seen in the fault suite's Redis-restart scenario). Here that close fails
+quietly instead; the messages stay in kombu's unacked hash, whose restore (or the next worker's)
+gives them back. ``register_replay`` installs this consumer unless the app has chosen its own.
 """
 
 from __future__ import annotations
@@ -39,3 +45,17 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
             )
         finally:
             message.ack()
+
+    def on_connection_error_after_connected(self, exc: Exception) -> None:
+        connection = self.connection
+        if connection is not None:
+            close = connection.close
+
+            def closing() -> None:
+                try:
+                    close()
+                except AttributeError as error:  # kombu's restore through a released client
+                    logger.warning("broker connection closed uncleanly: %s", error)
+
+            connection.close = closing
+        super().on_connection_error_after_connected(exc)

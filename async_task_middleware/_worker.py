@@ -217,8 +217,12 @@ def register_replay(
         except LoopBlocked as exc:
             _replace_blocked(task, task_id, exc, finished)
             raise
-        except BaseException:
-            finished(_scripts.FAILED)  # leave the owner's unfinished tasks; Celery has the error
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                # Stored before the outcome, so that whoever reads FAILED finds the details;
+                # Celery stores the same again as the task raises.
+                task.backend.mark_as_failure(task_id, exc)
+            finished(_scripts.FAILED)  # leave the owner's unfinished tasks
             took = time.monotonic() - began
             logger.info("task %s failed after %.3f s (request %s)", task_id, took, rid)
             replayed(route, queued, took, "failed")
