@@ -186,6 +186,9 @@ def register_replay(
                 if running and running[0].cancelled:
                     raise TaskCancelled(f"task {task_id} was deleted")
                 task.update_state(task_id=task_id, state="STARTED", meta={"progress": data})
+                if running and running[0].cancelled:
+                    store.delete(binding.meta_key(task_id))  # raced the delete: taken back
+                    raise TaskCancelled(f"task {task_id} was deleted")
                 store.publish(channel, b"progress")
 
             coro = replay(app, envelope, headers, max_response_size, lifespan_timeout)

@@ -79,6 +79,23 @@ def example_worker(
     proc.stop()
 
 
+@pytest.fixture(scope="module")
+def served_example(
+    example_worker: Worker, example_redis: RedisServer, logdir: Path, request: pytest.FixtureRequest
+) -> Iterator[str]:
+    """The FastAPI example under uvicorn, with the example's worker and Redis: its base URL."""
+    from tests._servers import Uvicorn
+
+    module = request.module.__name__.rsplit(".", 1)[-1]
+    env = {"REDIS_URL": example_redis.url}
+    server = Uvicorn("examples.wordcount.fastapi_app:app", env, logdir / f"{module}-uvicorn.log")
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
 @pytest.fixture(params=FRAMEWORKS)
 def wordcount_app(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     module = __import__(f"examples.wordcount.{request.param}_app", fromlist=["app"])

@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,36 +16,24 @@ import pytest
 from asgi_lifespan import LifespanManager
 
 from async_task_middleware.client import TaskTimeout, run_task, run_task_sync
-from tests._servers import RedisServer, Uvicorn, Worker
 from tests.conftest import LOCATION, make_client
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(scope="module")
-def served(example_worker: Worker, example_redis: RedisServer, logdir: Path) -> Iterator[str]:
-    env = {"REDIS_URL": example_redis.url}
-    server = Uvicorn("examples.wordcount.fastapi_app:app", env, logdir / "client-uvicorn.log")
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
-
-
-async def test_run_task_returns_the_final_response(served: str) -> None:
-    async with httpx.AsyncClient(base_url=served, timeout=30) as http:
+async def test_run_task_returns_the_final_response(served_example: str) -> None:
+    async with httpx.AsyncClient(base_url=served_example, timeout=30) as http:
         response = await run_task(http, "POST", "/words", files={"text": ("t", b"a b c")})
     assert response.status_code == 200
     assert response.json() == {"count": 3}
 
 
-async def test_progress_arrives_over_the_event_stream(served: str) -> None:
+async def test_progress_arrives_over_the_event_stream(served_example: str) -> None:
     """A 4 MiB text: the word count reports progress per MiB; the callback sees the task's
     statuses as the event stream sends them, then the result comes."""
     seen: list[dict[str, Any]] = []
     text = b"word " * (800 * 1024)
-    async with httpx.AsyncClient(base_url=served, timeout=60) as http:
+    async with httpx.AsyncClient(base_url=served_example, timeout=60) as http:
         response = await run_task(
             http, "POST", "/words", files={"text": ("t", text)}, on_progress=seen.append, wait=0
         )
@@ -56,8 +43,8 @@ async def test_progress_arrives_over_the_event_stream(served: str) -> None:
     assert {status["status"] for status in seen} <= {"queued", "running", "retrying"}
 
 
-def test_run_task_sync(served: str) -> None:
-    response = run_task_sync("POST", f"{served}/words", files={"text": ("t", b"one two")})
+def test_run_task_sync(served_example: str) -> None:
+    response = run_task_sync("POST", f"{served_example}/words", files={"text": ("t", b"one two")})
     assert response.json() == {"count": 2}
 
 
@@ -98,18 +85,18 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
-def test_the_command_line(served: str, tmp_path: Path) -> None:
+def test_the_command_line(served_example: str, tmp_path: Path) -> None:
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox")
-    done = cli("POST", f"{served}/words", "-F", f"text=@{text}")
+    done = cli("POST", f"{served_example}/words", "-F", f"text=@{text}")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"count": 4}
-    queued = cli("POST", f"{served}/words", "-F", f"text=@{text}", "--no-wait")
+    queued = cli("POST", f"{served_example}/words", "-F", f"text=@{text}", "--no-wait")
     assert queued.returncode == 0
     url = queued.stdout.strip()
-    assert url.startswith(f"{served}/words/")
-    assert LOCATION.match(url.removeprefix(served))
+    assert url.startswith(f"{served_example}/words/")
+    assert LOCATION.match(url.removeprefix(served_example))
     # The endpoint's own 422 (no 'text' field): exit code 4, its body printed.
-    invalid = cli("POST", f"{served}/words", "-F", "other=x")
+    invalid = cli("POST", f"{served_example}/words", "-F", "other=x")
     assert invalid.returncode == 4
     assert "text" in invalid.stdout

@@ -4,13 +4,13 @@ clicked as a user would: a file counted with live progress, and a queued task ca
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests._servers import RedisServer, Uvicorn, Worker
+from tests._servers import RedisServer, Uvicorn
 
 pytestmark = pytest.mark.anyio
 
@@ -31,25 +31,14 @@ async def browser() -> AsyncIterator[object]:
             await launched.close()
 
 
-@pytest.fixture(scope="module")
-def served(example_worker: Worker, example_redis: RedisServer, logdir: Path) -> Iterator[str]:
-    env = {"REDIS_URL": example_redis.url}
-    server = Uvicorn("examples.wordcount.fastapi_app:app", env, logdir / "demo-uvicorn.log")
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
-
-
 async def test_the_page_counts_a_file_with_live_progress(
-    browser: object, served: str, tmp_path: Path, logdir: Path
+    browser: object, served_example: str, tmp_path: Path, logdir: Path
 ) -> None:
     words = 700_000  # about 3.4 MiB: the count reports progress per MiB
     text = tmp_path / "text.txt"
     text.write_text("word " * words)
     page = await browser.new_page()  # type: ignore[attr-defined]
-    await page.goto(served)
+    await page.goto(served_example)
     await page.set_input_files("#file", str(text))
     await page.click("#submit")
     await page.wait_for_selector("#result:not(.hidden)", timeout=30_000)

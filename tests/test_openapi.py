@@ -6,33 +6,18 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import jsonschema
 import pytest
 
 from async_task_middleware import ConfigurationError, tasks_openapi
-from tests._servers import RedisServer, Uvicorn, Worker
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(scope="module")
-def served(example_worker: Worker, example_redis: RedisServer, logdir: Path) -> Iterator[str]:
-    """The FastAPI example under uvicorn, with the example's worker and Redis."""
-    env = {"REDIS_URL": example_redis.url}
-    server = Uvicorn("examples.wordcount.fastapi_app:app", env, logdir / "openapi-uvicorn.log")
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
-
-
-async def test_the_fastapi_schema_shows_the_protocol(served: str) -> None:
-    async with httpx.AsyncClient(base_url=served) as client:
+async def test_the_fastapi_schema_shows_the_protocol(served_example: str) -> None:
+    async with httpx.AsyncClient(base_url=served_example) as client:
         schema = (await client.get("/openapi.json")).json()
         assert (await client.get("/docs")).status_code == 200
     submit = schema["paths"]["/words"]["post"]
@@ -48,7 +33,7 @@ async def test_the_fastapi_schema_shows_the_protocol(served: str) -> None:
     assert {"404", "500"} <= set(got)
     assert set(status["delete"]["responses"]) >= {"204", "404"}
     # The status path's live answers (schemathesis cannot make a task): each one as documented.
-    async with httpx.AsyncClient(base_url=served) as client:
+    async with httpx.AsyncClient(base_url=served_example) as client:
         response = await client.post("/words", files={"text": ("t.txt", b"a b c " * 200_000)})
         location = response.headers["location"]
         seen: set[int] = set()
@@ -95,7 +80,7 @@ def test_path_parameters_carry_over_to_the_status_path() -> None:
     assert names == ["year", "task_id"]
 
 
-def test_schemathesis_finds_no_response_that_contradicts_the_schema(served: str) -> None:
+def test_schemathesis_finds_no_response_that_contradicts_the_schema(served_example: str) -> None:
     checks = ",".join(
         [
             "not_a_server_error",
@@ -111,7 +96,7 @@ def test_schemathesis_finds_no_response_that_contradicts_the_schema(served: str)
             "-m",
             "schemathesis.cli",
             "run",
-            f"{served}/openapi.json",
+            f"{served_example}/openapi.json",
             "--checks",
             checks,
             "--max-examples",
