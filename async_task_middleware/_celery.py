@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import logging
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +23,7 @@ from ._deployment import (
     is_redis_backend,
 )
 from ._errors import ConfigurationError as ConfigurationError
-from ._wire import body_base64
+from ._message import MessageTemplates
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +168,8 @@ class Binding:
     expires: int
     # The queue list to LPUSH to when the broker is the same Redis; None: publish through Celery.
     fast_queue: str | None
+    # The messages to push there (``_message``); None with the fast queue.
+    messages: MessageTemplates | None
 
     @classmethod
     def of(cls, celery_app: Celery) -> Binding:
@@ -185,12 +185,16 @@ class Binding:
             )
         backend_prefix = celery_app.backend.get_key_for_task("-")[:-1]
         global_prefix = (conf.result_backend_transport_options or {}).get("global_keyprefix", "")
+        fast_queue = _fast_queue(celery_app)
         return cls(
             celery_app=celery_app,
             meta_prefix=backend_prefix,
             record_prefix=f"{global_prefix}async-task-middleware-".encode(),
             expires=expires_seconds(celery_app),
-            fast_queue=_fast_queue(celery_app),
+            fast_queue=fast_queue,
+            messages=None
+            if fast_queue is None
+            else MessageTemplates(celery_app, TASK_NAME, fast_queue),
         )
 
     @staticmethod
@@ -231,58 +235,6 @@ class Binding:
 
     def queued_set_key(self, app: str, route: str) -> bytes:
         return self.record_prefix + b"queued-" + f"{app} {route}".encode()
-
-    def broker_message(
-        self,
-        task_id: str,
-        envelope: dict[str, Any],
-        body: bytearray,
-        *,
-        queue: str | None = None,
-        time_limit: float | None = None,
-    ) -> bytearray:
-        """The message kombu's Redis transport would LPUSH for ``send_task``, built without I/O.
-
-        Celery's own ``as_task_v2`` makes the task message; the wrapping mirrors kombu's
-        virtual channel (``prepare_message`` + ``_inplace_augment_message``), which a stock
-        worker reads back. The message body is the task's JSON as it is, not base64 again
-        (kombu reads a body without ``body_encoding`` as text), and the request body's base64
-        is written once, straight into the message where a marker held its place.
-        """
-        assert self.fast_queue is not None
-        marker = uuid.uuid4().hex  # random: no request can contain it by chance or design
-        task = self.celery_app.amqp.as_task_v2(
-            task_id,
-            TASK_NAME,
-            args=({**envelope, "body": marker},),
-            kwargs={},
-            # What Flower and the worker's log show: the route, never the body.
-            argsrepr=repr((str(envelope.get("route", "")),)),
-            kwargsrepr="{}",
-            # A route's own limit; Celery's hard limit, the prefork pool's last resort, after.
-            time_limit=None if time_limit is None else time_limit + 2 * HARD_LIMIT_GRACE,
-        )
-        properties = dict(task.properties)
-        properties.update(
-            delivery_mode=2,
-            delivery_info={"exchange": "", "routing_key": queue or self.fast_queue},
-            priority=0,
-            delivery_tag=str(uuid.uuid4()),
-        )
-        message = {
-            # The envelope is plain JSON (strings and lists): json.dumps writes what kombu's
-            # JSON serializer would.
-            "body": json.dumps(task.body),
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
-            "headers": task.headers,
-            "properties": properties,
-        }
-        head, tail = json.dumps(message).split(marker)
-        out = bytearray(head.encode())
-        body_base64(body, into=out)
-        out += tail.encode()
-        return out
 
 
 def _fast_queue(celery_app: Celery) -> str | None:

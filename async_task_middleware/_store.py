@@ -10,20 +10,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as LostConnection
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from . import _scripts
 from ._celery import Binding
 from ._deployment import backend_pool, is_cluster
 from ._events import Subscriptions
+from ._lane import Lane, pack
 from ._scripts import FAILED
 
 CLIENT_NAME = "async-task-middleware-web"
@@ -63,18 +66,24 @@ class Submission:
 _FAILED_STATES = frozenset({"FAILURE", "REVOKED", "REJECTED"})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class TaskState:
     """A status read: the record (None: unknown), the outcome (a packed response or
-    ``_scripts.FAILED``), Celery's meta (progress, failure details), and whether a worker runs
-    the task now (``live``) or ran it before (``began``: no heartbeat now means it waits to be
-    delivered again)."""
+    ``_scripts.FAILED``), Celery's meta (progress, failure details; decoded only when asked
+    for, which a finished task's poll never does), and whether a worker runs the task now
+    (``live``) or ran it before (``began``: no heartbeat now means it waits to be delivered
+    again)."""
 
     record: dict[str, Any] | None
     outcome: bytes | None = None
-    meta: dict[str, Any] | None = None
+    raw_meta: bytes | None = None
     live: bool = False
     began: bool = False
+    decode: Callable[[bytes], dict[str, Any]] = field(default=json.loads, repr=False)
+
+    @functools.cached_property
+    def meta(self) -> dict[str, Any] | None:
+        return None if self.raw_meta is None else self.decode(self.raw_meta)
 
     @property
     def final(self) -> bool:
@@ -104,19 +113,12 @@ class TaskState:
         )
 
 
-def _decode_meta(binding: Binding, raw: bytes) -> dict[str, Any]:
-    # Plain JSON is the common case and json.loads a third of the cost of the backend's
-    # decode, which also handles compressed results and checks the content type.
-    if raw[:1] == b"{":
-        meta: dict[str, Any] = json.loads(raw)
-    else:
-        meta = binding.celery_app.backend.decode(raw)
-    return meta
-
-
 # How long before the web side gives up waiting the script's own deadline falls: a script that
 # ran just before it still has this long to answer.
 _REPLY_MARGIN = 0.25
+# A submission whose message is larger than this goes through the pool, not the lane, where it
+# would hold up the status reads queued behind it for as long as it takes to write.
+_LANE_LIMIT = 256 * 1024
 # How often the offset between this host's clock and Redis's is measured again.
 _CLOCK_SYNC_INTERVAL = 60.0
 
@@ -148,6 +150,7 @@ class TaskStore:
             client_name=CLIENT_NAME,
         )
         self._redis = Redis(connection_pool=pool)
+        self._lane = Lane(pool)
         self.events = Subscriptions(self._redis)
         self._batch: dict[str, asyncio.Future[TaskState]] = {}
         self._flushing = False
@@ -157,6 +160,7 @@ class TaskStore:
 
     async def aclose(self) -> None:
         await self.events.aclose()
+        await self._lane.aclose()
         await self._redis.aclose()
         await self._redis.connection_pool.disconnect()
 
@@ -206,12 +210,24 @@ class TaskStore:
             sub.fingerprint,
         ]
         async with self._deadline(timeout):
-            if replicas is None:
+            if replicas is None and (message is None or len(message) <= _LANE_LIMIT):
+                answer = await _again(lambda: self._evalsha(self._submit, keys, args))
+            elif replicas is None:
                 answer = await _again(lambda: self._submit(keys=keys, args=args))
             else:
                 answer = await _again(lambda: self._replicated(keys, args, replicas, timeout))
         outcome = Outcome(answer[0])
         return outcome, answer[1].decode() if outcome is Outcome.DUPLICATE else sub.task_id
+
+    async def _evalsha(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
+        """Run ``script`` on the lane; loaded again when Redis does not know it (restarted,
+        or a replica promoted)."""
+        command = pack(b"EVALSHA", script.sha, len(keys), *keys, *args)
+        try:
+            return await self._lane.call(command)
+        except NoScriptError:
+            await self._lane.call(pack(b"SCRIPT", b"LOAD", cast(str | bytes, script.script)))
+            return await self._lane.call(command)
 
     async def _replicated(
         self, keys: list[Any], args: list[Any], replicas: int, timeout: float
@@ -266,6 +282,15 @@ class TaskStore:
         async with self._deadline():
             return bool(await _again(lambda: self._retract(keys=keys, args=args)))
 
+    def _decode_meta(self, raw: bytes) -> dict[str, Any]:
+        # Plain JSON is the common case and json.loads a third of the cost of the backend's
+        # decode, which also handles compressed results and checks the content type.
+        if raw[:1] == b"{":
+            meta: dict[str, Any] = json.loads(raw)
+        else:
+            meta = self._binding.celery_app.backend.decode(raw)
+        return meta
+
     def _keys(self, task_id: str) -> list[bytes]:
         b = self._binding
         return [
@@ -283,15 +308,18 @@ class TaskStore:
         return TaskState(
             json.loads(record),
             cast(bytes | None, outcome),
-            _decode_meta(self._binding, cast(bytes, meta)) if meta is not None else None,
+            cast(bytes | None, meta),
             live is not None,
             began is not None,
+            self._decode_meta,
         )
 
     async def read(self, task_id: str) -> TaskState:
-        """Everything a status answer needs, in one command and one round trip."""
+        """Everything a status answer needs, in one command and one round trip, on the
+        loop's shared pipelined connection (``_lane``)."""
+        command = pack(b"MGET", *self._keys(task_id))
         async with self._deadline():
-            values = await self._redis.mget(self._keys(task_id))
+            values = await _again(lambda: self._lane.call(command))
         return self._state(values)
 
     async def read_batched(self, task_id: str) -> TaskState:

@@ -22,7 +22,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from ._celery import TASK_NAME, Binding
+from ._celery import HARD_LIMIT_GRACE, TASK_NAME, Binding
 from ._events import Note
 from ._headers import BadIdempotencyKey, Prefer, idempotency_key, parse_prefer, request_id
 from ._policy import split_headers
@@ -221,14 +221,15 @@ async def _publish(
 ) -> tuple[Outcome, str]:
     route_limit = envelope.get("time_limit")
     try:
-        if binding.fast_queue is not None:
+        if binding.messages is not None:
+            # A route's own limit; Celery's hard limit, the prefork pool's last resort, after.
             build = functools.partial(
-                binding.broker_message,
+                binding.messages.build,
                 sub.task_id,
                 envelope,
                 body,
                 queue=sub.queue,
-                time_limit=route_limit,
+                time_limit=None if route_limit is None else route_limit + 2 * HARD_LIMIT_GRACE,
             )
             if len(body) > _INLINE_MESSAGE_LIMIT:
                 message = await anyio.to_thread.run_sync(build)
