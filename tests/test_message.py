@@ -48,7 +48,7 @@ def _made_by_celery(
 
 
 ENVELOPES = [
-    {"v": 1, "route": "POST /words", "headers": [["x-name", "caf\u00e9 \"quoted\" \\ \t"]]},
+    {"v": 1, "route": "POST /words", "headers": [["x-name", 'caf\u00e9 "quoted" \\ \t']]},
     {"v": 1, "route": 'POST /a"b\\c', "path": "/\u00ff\n", "headers": [], "owner": None},
 ]
 
