@@ -213,6 +213,9 @@ class Binding:
     def result_key(self, task_id: str) -> bytes:
         return self.record_prefix + b"result-" + task_id.encode()
 
+    def body_key(self, task_id: str) -> bytes:
+        return self.record_prefix + b"body-" + task_id.encode()
+
     def events_channel(self, task_id: str) -> bytes:
         return self.record_prefix + b"events-" + task_id.encode()
 

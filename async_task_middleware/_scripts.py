@@ -7,6 +7,8 @@ Keys of one task (``<p>`` is ``async-task-middleware-``, after Celery's ``global
 - ``<p>attempts-<id>``: deliveries counted by the worker (poison requests; "a worker began").
 - ``<p>result-<id>``: the outcome: the final response, ready to send (``_wire.pack_response``),
   or ``FAILED`` (Celery's meta holds the details).
+- ``<p>body-<id>``: a large result's body, kept apart from its ``result`` (``_wire``), so that
+  a poll's ``MGET`` never carries it; it is read in pieces. Written and expiring with it.
 - ``<p>events-<id>`` (a pub/sub channel, not a key): a note each time the task begins,
   reports progress or ends; it wakes waiting requests and event streams (``_events``).
 - ``<p>live-<id>``: a heartbeat, renewed while a worker runs the task; a task that began and
@@ -102,7 +104,7 @@ return 0
 """
 
 # DELETE on the status URL: only by the owner (or anyone, for an anonymous task).
-# KEYS: record, meta, attempts, result, heartbeat, message copy
+# KEYS: record, meta, attempts, result, heartbeat, message copy, body
 # ARGV: key prefix, task id, the requester's owner hashes (none: anonymous)
 # -> 1 deleted, 0 unknown (or someone else's: the same answer)
 DELETE = """
@@ -118,7 +120,7 @@ if type(owner) == 'string' then
   if not allowed then return 0 end
   redis.call('ZREM', ARGV[1] .. 'owner-' .. owner, ARGV[2])
 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7])
 if type(record['idempotency']) == 'string' then redis.call('DEL', record['idempotency']) end
 if type(record['app']) == 'string' and type(record['route']) == 'string' then
   redis.call('ZREM', ARGV[1] .. 'queued-' .. record['app'] .. ' ' .. record['route'], ARGV[2])
@@ -158,11 +160,14 @@ return 1
 
 # The worker, after a replay: store the outcome (the packed response, or FAILED), restart the
 # record's lifetime (results live `lifetime` from completion, not from submission), stop the
-# heartbeat, leave the owner's set.
-# KEYS: record, result, owner set, heartbeat   ARGV: outcome, lifetime, task id, events channel
+# heartbeat, leave the owner's set. A large body goes first, so that no one reads a result
+# without it.
+# KEYS: record, result, owner set, heartbeat, body
+# ARGV: outcome, lifetime, task id, events channel, body kept apart ('' = none)
 # -> 1 stored, 0 the record is gone (deleted while running: nothing is kept)
 FINISH = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[5] ~= '' then redis.call('SET', KEYS[5], ARGV[5], 'EX', ARGV[2]) end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('DEL', KEYS[4])

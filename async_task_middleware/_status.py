@@ -7,6 +7,7 @@ a long poll (``_wait``); ``Accept: text/event-stream`` an event stream (``_strea
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import time
@@ -104,11 +105,14 @@ async def status(
         await send_problem(send, Problem.NOT_FOUND, instance, head=head)
         return
     self_url = location(settings, scope, f"{target.location}/{task_id}")
-    await answer(settings, send, instance, task_id, target.route, state, head, extra, self_url)
+    await answer(
+        settings, store, send, instance, task_id, target.route, state, head, extra, self_url
+    )
 
 
 async def answer(
     settings: Settings,
+    store: TaskStore,
     send: Send,
     instance: str,
     task_id: str,
@@ -130,7 +134,10 @@ async def answer(
             logger.error("task %s: stored response unreadable", task_id)
             await send_problem(send, Problem.FAILED, instance, headers=extra, head=head)
             return
-        await send_response(send, code, [*headers, *extra], body, head=head)
+        if body is None and not head:
+            await _send_apart(settings, store, send, instance, task_id, code, [*headers, *extra])
+        else:
+            await send_response(send, code, [*headers, *extra], body or b"", head=head)
     else:
         assert state.record is not None
         await send_json(
@@ -145,6 +152,39 @@ async def answer(
             ],
             head=head,
         )
+
+
+async def _send_apart(
+    settings: Settings,
+    store: TaskStore,
+    send: Send,
+    instance: str,
+    task_id: str,
+    code: int,
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    """A large body, sent piece by piece as it is read. The first piece is read before the
+    answer starts, so that a failure then is still a clean 503; one later (the task deleted
+    while it is sent, Redis lost) can only end the response short, and the server closes
+    the connection."""
+    length = int(next((v for n, v in headers if n == b"content-length"), b"0"))
+    async with contextlib.aclosing(store.body(task_id, length)) as pieces:
+        try:
+            piece = await anext(pieces, b"")
+        except StoreUnavailable as exc:
+            logger.warning("task %s: result body unavailable: %s", task_id, exc)
+            unavailable = [(b"retry-after", b"%d" % settings.retry_after)]
+            await send_problem(send, Problem.UNAVAILABLE, instance, headers=unavailable)
+            return
+        await send({"type": "http.response.start", "status": code, "headers": headers})
+        try:
+            async for following in pieces:
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+                piece = following
+        except StoreUnavailable as exc:
+            logger.warning("task %s: result body cut short: %s", task_id, exc)
+            return
+        await send({"type": "http.response.body", "body": piece})
 
 
 def retry_after(base: int, record: dict[str, Any]) -> bytes:

@@ -13,7 +13,7 @@ import enum
 import functools
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -119,6 +119,8 @@ _REPLY_MARGIN = 0.25
 # A submission whose message is larger than this goes through the pool, not the lane, where it
 # would hold up the status reads queued behind it for as long as it takes to write.
 _LANE_LIMIT = 256 * 1024
+# A large body is read and sent in pieces of this size.
+_BODY_PIECE = 256 * 1024
 # How often the offset between this host's clock and Redis's is measured again.
 _CLOCK_SYNC_INTERVAL = 60.0
 
@@ -364,6 +366,19 @@ class TaskStore:
             if not future.done():
                 future.set_result(state)
 
+    async def body(self, task_id: str, length: int) -> AsyncGenerator[bytes, None]:
+        """A body kept apart (``_wire.INLINE_BODY``), in pieces as they are read: through the
+        pool, not the lane, where it would hold up the reads behind it. StoreUnavailable if
+        it is gone meanwhile (deleted, expired) or Redis fails."""
+        key = self._binding.body_key(task_id)
+        for start in range(0, length, _BODY_PIECE):
+            end = min(start + _BODY_PIECE, length)
+            async with self._deadline():
+                piece = cast(bytes, await self._redis.getrange(key, start, end - 1))
+            if len(piece) != end - start:
+                raise StoreUnavailable("the result's body is gone")
+            yield piece
+
     async def delete(self, task_id: str, owners: list[str]) -> bool:
         """Forget the task if ``owners`` may (any of the requester's owner hashes; none for an
         anonymous requester); True when it was deleted. The worker sees the record gone and
@@ -376,6 +391,7 @@ class TaskStore:
             b.result_key(task_id),
             b.heartbeat_key(task_id),
             b.message_key(task_id),
+            b.body_key(task_id),
         ]
         async with self._deadline():
             args: list[bytes | str] = [b.record_prefix, task_id, *owners]

@@ -168,7 +168,16 @@ async def submit(
                     (b"preference-applied", b"wait=%d" % wait),
                 ]
                 await answer(
-                    settings, send, status_path, task_id, route, state, False, extra, status_url
+                    settings,
+                    store,
+                    send,
+                    status_path,
+                    task_id,
+                    route,
+                    state,
+                    False,
+                    extra,
+                    status_url,
                 )
                 return
     headers_out = [(b"location", status_url), (b"content-length", b"0")]

@@ -118,11 +118,17 @@ def request_scope(
     return scope, base64.b64decode(envelope["body"])
 
 
-# The stored response: MAGIC, the header block's length (4 bytes, big-endian), the header
-# block (JSON: [status, [[name, value], ...]] in latin-1), then the body's bytes as they are.
-# The web side parses a few hundred bytes and copies the body out: no decode, whatever its size.
+# The stored response: a magic, the header block's length (4 bytes, big-endian), the header
+# block (JSON: [status, [[name, value], ...]] in latin-1), then the body's bytes as they are;
+# or, for a body over ``INLINE_BODY``, the same without the body, which is kept apart
+# (``<p>body-<id>``, its length in the content-length header). The web side parses a few
+# hundred bytes and copies the body out: no decode, whatever its size.
 _MAGIC = b"ATM1"
+_MAGIC_APART = b"ATM2"
 _PREFIX = len(_MAGIC) + 4
+#: Larger bodies are stored apart: a poll's one read of the task never carries them, and
+#: they are sent in pieces as they are read, never held whole on the event loop.
+INLINE_BODY = 64 * 1024
 
 
 def pack_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
@@ -141,13 +147,29 @@ def pack_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes) 
     return b"".join((_MAGIC, len(block).to_bytes(4, "big"), block, body))
 
 
-def unpack_response(raw: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    if raw[: len(_MAGIC)] != _MAGIC or len(raw) < _PREFIX:
+def _body_start(raw: bytes | memoryview) -> int:
+    if raw[: len(_MAGIC)] not in (_MAGIC, _MAGIC_APART) or len(raw) < _PREFIX:
         raise WireFormatError("the stored response is not of a known format")
-    end = _PREFIX + int.from_bytes(raw[len(_MAGIC) : _PREFIX], "big")
+    return _PREFIX + int.from_bytes(raw[len(_MAGIC) : _PREFIX], "big")
+
+
+def split_response(packed: bytes) -> tuple[bytes, memoryview | None]:
+    """What the worker stores: ``packed`` as it is, or, for a body over ``INLINE_BODY``, the
+    header block alone and the body to keep apart (a view: no copy)."""
+    end = _body_start(packed)
+    if len(packed) - end <= INLINE_BODY:
+        return packed, None
+    return _MAGIC_APART + packed[len(_MAGIC) : end], memoryview(packed)[end:]
+
+
+def unpack_response(raw: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes | None]:
+    """Status, headers and body; the body is None when it is kept apart (its length is the
+    ``content-length``)."""
+    end = _body_start(raw)
     try:
         status, pairs = json.loads(raw[_PREFIX:end])
-        return int(status), _headers(pairs), raw[end:]
+        body = raw[end:] if raw[: len(_MAGIC)] == _MAGIC else None
+        return int(status), _headers(pairs), body
     except (ValueError, TypeError) as exc:
         raise WireFormatError("the stored response's header block is malformed") from exc
 

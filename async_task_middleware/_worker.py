@@ -42,7 +42,7 @@ from ._progress import TaskCancelled
 from ._replay import replay
 from ._sweep import Sweeper
 from ._types import ASGIApp
-from ._wire import check, unpack_response
+from ._wire import check, split_response, unpack_response
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +140,15 @@ def register_replay(
         channel = binding.events_channel(task_id)
 
         def finished(outcome: bytes) -> bool:
-            ends = [record_key, binding.result_key(task_id), owner_set, heartbeat_key]
-            values = [outcome, binding.expires, task_id, channel]
+            ends = [
+                record_key,
+                binding.result_key(task_id),
+                owner_set,
+                heartbeat_key,
+                binding.body_key(task_id),
+            ]
+            head, apart = (outcome, None) if outcome == _scripts.FAILED else split_response(outcome)
+            values = [head, binding.expires, task_id, channel, b"" if apart is None else apart]
             return bool(again(lambda: finish(keys=ends, args=values), "storing an outcome"))
 
         queued_set = binding.queued_set_key(str(envelope.get("app")), str(envelope.get("route")))

@@ -207,3 +207,12 @@ def with_lag_probe(app: Any, freeze: bool = False) -> Any:
 middleware_lag = with_lag_probe(middleware)
 ceiling_lag = with_lag_probe(ceiling)
 middleware_frozen_lag = with_lag_probe(middleware, freeze=True)
+
+
+def __getattr__(name: str) -> Any:
+    # The probe app (the test suite's) only when asked for: it needs the test worker's settings.
+    if name == "probe_lag":
+        from tests.apps import probe_app
+
+        return with_lag_probe(probe_app)
+    raise AttributeError(name)

@@ -10,6 +10,7 @@ a noisy machine hits them alike; the table shows the median of the rounds.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import platform
@@ -441,6 +442,41 @@ class Suite:
         self.workers.remove(worker)
         return figures
 
+    def large_result(self, size: int, clients: int) -> dict[str, float]:
+        """Loop lag in the web process, and the latency of polls of a small result, while
+        ``clients`` poll one finished result of ``size`` bytes (the probe app's echo)."""
+        url = self.serve("probe_lag")
+        worker = Worker("tests.worker", self.env, self.tmp / "large.log").start()
+        self.workers.append(worker)
+        # The echo sends it back base64 in JSON: just under ``size`` (the worker's default cap).
+        body = os.urandom(int(size * 0.74))
+        response = httpx.post(f"{url}/echo", content=body, timeout=60)
+        assert response.status_code == 303, response.text
+        location = response.headers["location"]
+        wait_final(url, location)
+        figures = {"bytes": float(len(httpx.get(f"{url}{location}", timeout=60).content))}
+        small = httpx.post(f"{url}/echo", content=b"small").headers["location"]
+        wait_final(url, small)
+        alone = wrk(f"{url}{small}", self.seconds, 4)
+        httpx.get(f"{url}/_lag")  # from here on
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            polls = pool.submit(wrk, f"{url}{location}", self.seconds + 2, clients)
+            time.sleep(1)
+            during = wrk(f"{url}{small}", self.seconds, 4)
+            big = polls.result()
+        lag = httpx.get(f"{url}/_lag").json()
+        worker.stop()
+        self.workers.remove(worker)
+        figures.update(
+            polls=big.rps,
+            errors=big.errors,
+            lag_p99=lag["p99_ms"],
+            lag_max=lag["max_ms"],
+            health_p99_alone=alone.p99,
+            health_p99_during=during.p99,
+        )
+        return figures
+
     def web_rss(self, total: int) -> dict[str, float]:
         """RSS of the web process after warm-up and after ``total`` requests (submit + poll)."""
         url = self.serve("middleware")
@@ -586,6 +622,18 @@ def _io(suite: Suite, args: argparse.Namespace) -> None:
         )
 
 
+def _large(suite: Suite, args: argparse.Namespace) -> None:
+    large = suite.large_result(args.large_mib * 1024 * 1024, 20)
+    print(
+        f"20 clients polling one finished {large['bytes'] / 2**20:.1f} MiB result: "
+        f"{large['polls']:.0f} responses/s ({large['polls'] * large['bytes'] / 2**20:.0f} MiB/s, "
+        f"{large['errors']:.0f} errors); event-loop lag p99 {large['lag_p99']:.2f} ms, max "
+        f"{large['lag_max']:.2f} ms; polls of a small result: p99 {large['health_p99_during']:.2f} ms "
+        f"(alone {large['health_p99_alone']:.2f} ms)",
+        flush=True,
+    )
+
+
 def _rss(suite: Suite, args: argparse.Namespace) -> None:
     rss = suite.web_rss(args.rss_requests)
     print(
@@ -603,6 +651,7 @@ SECTIONS: dict[str, Callable[[Suite, argparse.Namespace], None]] = {
     "drain": _drain,
     "trip": _trip,
     "io": _io,
+    "large": _large,
     "rss": _rss,
 }
 
@@ -614,6 +663,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--io", type=int, nargs="*", default=[1000, 5000])
     parser.add_argument("--drain", type=int, default=5000)
+    parser.add_argument("--large-mib", type=int, default=10)
     parser.add_argument("--rss-requests", type=int, default=100_000)
     parser.add_argument("--only", choices=tuple(SECTIONS))
     args = parser.parse_args()
