@@ -61,7 +61,9 @@ class AsyncTaskMiddleware:
     - ``read_timeout``: seconds a status read may take before it is a 503. 2.
     - ``retry_after``: whole seconds a client is told to wait between polls (the base: older
       tasks get longer, see ``_status.retry_after``). 1.
-    - ``max_connections``: Redis connections per event loop; callers wait for a free one. 64.
+    - ``max_connections``: Redis connections per event loop for what does not share the one
+      pipelined connection of the status reads and small submissions (``_lane``): large
+      submissions, deletes, long polls, large result bodies; callers wait for a free one. 64.
     - ``replicas``: with a replicated Redis (Sentinel), a 303 only once this many replicas
       have the task too (Redis's ``WAIT``, within ``publish_timeout``; fewer is a 503 and the
       task is taken back): a master that dies right after the 303 then loses nothing. It costs
