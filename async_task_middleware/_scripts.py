@@ -160,14 +160,20 @@ return 1
 
 # The worker, after a replay: store the outcome (the packed response, or FAILED), restart the
 # record's lifetime (results live `lifetime` from completion, not from submission), stop the
-# heartbeat, leave the owner's set. A large body goes first, so that no one reads a result
-# without it.
-# KEYS: record, result, owner set, heartbeat, body
-# ARGV: outcome, lifetime, task id, events channel, body kept apart ('' = none)
+# heartbeat, leave the owner's set; and for a success, Celery's own result meta, as Celery's
+# backend writes it (set, then published on its key). A large body goes first, so that no one
+# reads a result without it.
+# KEYS: record, result, owner set, heartbeat, body, Celery's meta
+# ARGV: outcome, lifetime, task id, events channel, body kept apart ('' = none),
+#       Celery's meta ('' = none: a failure's is Celery's own, written before)
 # -> 1 stored, 0 the record is gone (deleted while running: nothing is kept)
 FINISH = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if ARGV[5] ~= '' then redis.call('SET', KEYS[5], ARGV[5], 'EX', ARGV[2]) end
+if ARGV[6] ~= '' then
+  redis.call('SET', KEYS[6], ARGV[6], 'EX', ARGV[2])
+  redis.call('PUBLISH', KEYS[6], ARGV[6])
+end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('DEL', KEYS[4])

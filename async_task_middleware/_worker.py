@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from billiard.process import current_process
-from celery import Celery, Task
+from celery import Celery, Task, states
 from celery.exceptions import Ignore
 from celery.signals import worker_init, worker_ready, worker_shutdown
 
@@ -47,6 +47,8 @@ from ._wire import check, split_response, unpack_response
 logger = logging.getLogger(__name__)
 
 _MiB = 1024 * 1024
+#: What the replay task returns, and Celery's meta says: the response itself is in the store.
+STORED = {"v": 1, "stored": True}
 # 25 minutes: with its grace, under RabbitMQ's default consumer_timeout of 30.
 DEFAULT_TIME_LIMIT = 1500.0
 # RabbitMQ's default consumer_timeout: a delivery held longer is redelivered.
@@ -146,9 +148,17 @@ def register_replay(
                 owner_set,
                 heartbeat_key,
                 binding.body_key(task_id),
+                binding.meta_key(task_id),
             ]
             head, apart = (outcome, None) if outcome == _scripts.FAILED else split_response(outcome)
-            values = [head, binding.expires, task_id, channel, b"" if apart is None else apart]
+            values = [
+                head,
+                binding.expires,
+                task_id,
+                channel,
+                b"" if apart is None else apart,
+                b"" if outcome == _scripts.FAILED else _success_meta(task, task_id),
+            ]
             return bool(again(lambda: finish(keys=ends, args=values), "storing an outcome"))
 
         queued_set = binding.queued_set_key(str(envelope.get("app")), str(envelope.get("route")))
@@ -244,7 +254,7 @@ def register_replay(
         code = unpack_response(packed)[0]
         logger.info("task %s finished: %d in %.3f s (request %s)", task_id, code, took, rid)
         replayed(route, queued, took, str(code))
-        return {"v": 1, "stored": True}
+        return STORED
 
     task: Task = celery_app.task(
         name=TASK_NAME,
@@ -253,6 +263,11 @@ def register_replay(
         reject_on_worker_lost=True,
         # The heartbeat says "running"; Celery's STARTED write would cost a round trip more.
         track_started=False,
+        # FINISH writes Celery's SUCCESS meta with the outcome, in the same step; Celery's own
+        # write would cost two round trips more (it reads the meta before it writes). Failures
+        # are still stored by Celery, whatever raised them.
+        ignore_result=True,
+        store_errors_even_if_ignored=True,
         # The limit is enforced in the replay's loop, on every pool; Celery's hard limit stays
         # as the last resort of the prefork pool, after the replay's own.
         time_limit=hard_limit + HARD_LIMIT_GRACE,
@@ -261,6 +276,21 @@ def register_replay(
         resultrepr_maxsize=64,
     )(run)
     return task
+
+
+def _success_meta(task: Task, task_id: str) -> Any:
+    """The result meta Celery itself would store for the replay's success (its result says
+    that the response is stored), for AsyncResult, Flower and the like."""
+    return task.backend.encode(
+        {
+            "status": states.SUCCESS,
+            "result": STORED,
+            "traceback": None,
+            "children": [],
+            "date_done": task.app.now().isoformat(),
+            "task_id": task_id,
+        }
+    )
 
 
 def _route_limit(envelope: dict[str, Any], default: float) -> float:

@@ -4,6 +4,7 @@ poll's one ``MGET``, and sent in pieces as it is read."""
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 from collections.abc import MutableMapping
@@ -142,3 +143,26 @@ def test_split_keeps_small_bodies_inline_and_large_ones_apart(size: int) -> None
         assert bytes(apart) == body
     else:
         assert (head, apart, inline) == (packed, None, body)
+
+
+async def test_celerys_own_result_says_success_once_the_response_is_stored(
+    probe: httpx.AsyncClient, redis_server: RedisServer
+) -> None:
+    """The worker writes Celery's SUCCESS meta with the outcome (one step, not Celery's own
+    read-then-write): AsyncResult sees what it would see for any Celery task."""
+    from celery.result import AsyncResult
+
+    from tests.worker import celery_app
+
+    r = redis.Redis.from_url(redis_server.url)
+    location = await submit(probe, "/echo", content=b"hello")
+    task_id = location.rsplit("/", 1)[1]
+    assert (await final(probe, location)).status_code == 200
+    result = AsyncResult(task_id, app=celery_app)
+    assert result.state == "SUCCESS"
+    assert result.result == {"v": 1, "stored": True}
+    assert result.date_done is not None
+    meta = json.loads(r.get(f"celery-task-meta-{task_id}"))  # type: ignore[arg-type]
+    assert set(meta) == {"status", "result", "traceback", "children", "date_done", "task_id"}
+    assert 0 < r.ttl(f"celery-task-meta-{task_id}") <= r.ttl(_keys(location)[0]) + 1
+    r.close()
