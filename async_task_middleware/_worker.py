@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -49,6 +50,8 @@ logger = logging.getLogger(__name__)
 _MiB = 1024 * 1024
 #: What the replay task returns, and Celery's meta says: the response itself is in the store.
 STORED = {"v": 1, "stored": True}
+_backends: dict[tuple[int, int], Any] = {}
+_backends_lock = threading.Lock()
 # 25 minutes: with its grace, under RabbitMQ's default consumer_timeout of 30.
 DEFAULT_TIME_LIMIT = 1500.0
 # RabbitMQ's default consumer_timeout: a delivery held longer is redelivered.
@@ -120,7 +123,8 @@ def register_replay(
 
     def run(task: Task, envelope: Any) -> dict[str, Any]:
         task_id: str = task.request.id
-        store = task.backend.client  # the result backend's own (synchronous) Redis client
+        backend = _process_backend(task)
+        store = backend.client  # the result backend's own (synchronous) Redis client
         if id(store) not in scripts:
             scripts[id(store)] = (
                 store.register_script(_scripts.BEGIN),
@@ -157,7 +161,7 @@ def register_replay(
                 task_id,
                 channel,
                 b"" if apart is None else apart,
-                b"" if outcome == _scripts.FAILED else _success_meta(task, task_id),
+                b"" if outcome == _scripts.FAILED else _success_meta(backend, task_id),
             ]
             return bool(again(lambda: finish(keys=ends, args=values), "storing an outcome"))
 
@@ -181,7 +185,7 @@ def register_replay(
         if attempts > max_attempts:
             # Each earlier delivery died with its worker: stop redelivering, report a failure.
             logger.warning("task %s failed: its worker died %d times", task_id, attempts - 1)
-            task.backend.mark_as_failure(task_id, AttemptsExhausted(attempts - 1))
+            backend.mark_as_failure(task_id, AttemptsExhausted(attempts - 1))
             finished(_scripts.FAILED)
             raise Ignore()
         submitted = envelope.get("submitted")
@@ -241,7 +245,7 @@ def register_replay(
             if isinstance(exc, Exception):
                 # Stored before the outcome, so that whoever reads FAILED finds the details;
                 # Celery stores the same again as the task raises.
-                task.backend.mark_as_failure(task_id, exc)
+                backend.mark_as_failure(task_id, exc)
             finished(_scripts.FAILED)  # leave the owner's unfinished tasks
             took = time.monotonic() - began
             logger.info("task %s failed after %.3f s (request %s)", task_id, took, rid)
@@ -278,16 +282,29 @@ def register_replay(
     return task
 
 
-def _success_meta(task: Task, task_id: str) -> Any:
+def _process_backend(task: Task) -> Any:
+    """One result backend per process for the replay's own reads and writes. Celery keeps one
+    per thread (for its result consumers), so that on the threads pool each of a thousand
+    threads would build a backend, its connection pool and its connections; the Redis client
+    underneath is thread-safe, and one serves them all."""
+    key = (os.getpid(), id(task.app))
+    backend = _backends.get(key)
+    if backend is None:
+        with _backends_lock:
+            backend = _backends.setdefault(key, task.backend)
+    return backend
+
+
+def _success_meta(backend: Any, task_id: str) -> Any:
     """The result meta Celery itself would store for the replay's success (its result says
     that the response is stored), for AsyncResult, Flower and the like."""
-    return task.backend.encode(
+    return backend.encode(
         {
             "status": states.SUCCESS,
             "result": STORED,
             "traceback": None,
             "children": [],
-            "date_done": task.app.now().isoformat(),
+            "date_done": backend.app.now().isoformat(),
             "task_id": task_id,
         }
     )
