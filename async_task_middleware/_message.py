@@ -93,6 +93,8 @@ class MessageTemplates:
             argsrepr=repr((route,)),
             kwargsrepr="{}",
             time_limit=time_limit,
+            # The worker writes Celery's result meta itself, with the outcome (``FINISH``).
+            ignore_result=True,
         )
         properties = dict(task.properties)
         properties.update(

@@ -283,6 +283,7 @@ async def _publish_through_celery(
         args=(envelope,),
         task_id=sub.task_id,
         argsrepr=repr((sub.route,)),  # what Flower shows: "POST /words", never the body
+        ignore_result=True,  # the worker writes Celery's result meta with the outcome
         retry=False,
         **options,
     )

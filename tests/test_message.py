@@ -30,6 +30,7 @@ def _made_by_celery(
         argsrepr=repr((envelope["route"],)),
         kwargsrepr="{}",
         time_limit=limit,
+        ignore_result=True,
     )
     properties = {
         **task.properties,
