@@ -16,6 +16,9 @@ _TASK_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[
 
 STATUS_METHODS = ("GET", "HEAD", "DELETE")
 _NAMED_GROUP = re.compile(r"\(\?P<\w+>")
+# What a Location keeps as it is; anything else is percent-encoded.
+_SAFE = "/:@!$&'()*+,;=-._~"
+_URL_SAFE = re.compile("[A-Za-z0-9" + re.escape(_SAFE) + "]*")
 
 
 #: ``authorize(scope)``: True lets the request on; False answers 401. Sync or async.
@@ -181,5 +184,7 @@ def _with_default(route: Route, default: Route | None) -> Route:
 def _location(scope: Mapping[str, Any], path: str) -> str:
     # Built from root_path and the matched path, percent-encoded; a leading '//' would make a
     # protocol-relative URL pointing at another host, so it is folded to one slash.
-    full = scope.get("root_path", "") + path
-    return "/" + quote(full.lstrip("/"), safe="/:@!$&'()*+,;=-._~")
+    full: str = scope.get("root_path", "") + path
+    if _URL_SAFE.fullmatch(full):  # the common case: nothing to encode (quote is slow)
+        return "/" + full.lstrip("/")
+    return "/" + quote(full.lstrip("/"), safe=_SAFE)

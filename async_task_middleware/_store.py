@@ -318,10 +318,14 @@ class TaskStore:
 
     async def read(self, task_id: str) -> TaskState:
         """Everything a status answer needs, in one command and one round trip, on the
-        loop's shared pipelined connection (``_lane``)."""
+        loop's shared pipelined connection (``_lane``). Every status request comes here: its
+        deadline is written out, not ``_deadline``'s generator."""
         command = pack(b"MGET", *self._keys(task_id))
-        async with self._deadline():
-            values = await _again(lambda: self._lane.call(command))
+        try:
+            async with asyncio.timeout(self._timeout):
+                values = await _again(lambda: self._lane.call(command))
+        except (TimeoutError, RedisError, OSError) as exc:
+            raise StoreUnavailable("Redis did not answer in time") from exc
         return self._state(values)
 
     async def read_batched(self, task_id: str) -> TaskState:

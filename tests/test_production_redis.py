@@ -463,7 +463,7 @@ WEB_RULES = (
     "resetchannels &async-task-middleware-events-* "
     "-@all +hello +auth +ping +client|setname +info +time +mget "
     "+evalsha +eval +script|load +subscribe +unsubscribe "
-    "+exists +get +set +del +expire +lpush +hset +zadd +zrem +zremrangebyscore +zcard"
+    "+exists +get +getrange +set +del +expire +lpush +hset +zadd +zrem +zremrangebyscore +zcard"
 )
 WORKER_RULES = (
     "resetkeys ~async-task-middleware-* ~celery* ~unacked* ~_kombu.* "
@@ -510,6 +510,15 @@ async def test_acl_users_with_the_documented_rules_run_the_word_count(logdir: Pa
         finally:
             uvicorn.stop()
             worker.stop()
+        # A large result's body is read in pieces (GETRANGE), as the web user too.
+        admin.set(b"async-task-middleware-body-large", b"y" * 600_000)
+        store = TaskStore(Binding.of(_celery(web_url)), timeout=2, max_connections=2)
+        try:
+            pieces = [piece async for piece in store.body("large", 600_000)]
+        finally:
+            await store.aclose()
+        assert len(pieces) > 1
+        assert b"".join(pieces) == b"y" * 600_000
         # Nothing refused but the test's own KEYS (the sweep at the worker's start included).
         refused = {(e["username"], e["client-info"]["cmd"]) for e in admin.acl_log()}
         assert refused == {("atm-web", "keys")}, admin.acl_log()
