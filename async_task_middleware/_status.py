@@ -19,7 +19,8 @@ from ._headers import parse_prefer
 from ._responses import Problem, send_json, send_problem, send_response
 from ._routes import STATUS_METHODS, Route, Status
 from ._settings import Settings, authorized, location
-from ._store import StoreUnavailable, TaskState, TaskStore
+from ._state import StoreUnavailable, TaskState
+from ._store import TaskStore
 from ._stream import stream_events, wants_event_stream
 from ._types import Receive, Scope, Send
 from ._wait import wait_for_end

@@ -18,7 +18,8 @@ import json
 from typing import Any
 
 from ._metrics import waiting
-from ._store import StoreUnavailable, TaskState, TaskStore
+from ._state import StoreUnavailable, TaskState
+from ._store import TaskStore
 from ._types import Receive, Scope, Send
 from ._wait import disconnected
 from ._wire import WireFormatError, unpack_response

@@ -29,8 +29,9 @@ from ._policy import split_headers
 from ._responses import Problem, send_problem, send_response
 from ._routes import Submit
 from ._settings import Settings, authorized, location
+from ._state import Outcome, StoreUnavailable, Submission
 from ._status import answer
-from ._store import Outcome, StoreUnavailable, Submission, TaskStore
+from ._store import TaskStore
 from ._types import Receive, Scope, Send
 from ._wait import wait_for_end
 from ._wire import body_base64, capture_request

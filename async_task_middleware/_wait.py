@@ -13,7 +13,8 @@ from typing import Any
 
 from ._events import Note
 from ._metrics import waiting
-from ._store import TaskState, TaskStore
+from ._state import TaskState
+from ._store import TaskStore
 from ._types import Receive
 
 # How long a waiter waits for Redis to confirm its subscription before it reads anyway.

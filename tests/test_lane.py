@@ -17,7 +17,8 @@ import redis
 from celery import Celery
 
 from async_task_middleware._celery import Binding
-from async_task_middleware._store import CLIENT_NAME, StoreUnavailable, TaskStore
+from async_task_middleware._state import StoreUnavailable
+from async_task_middleware._store import CLIENT_NAME, TaskStore
 from tests._servers import RedisServer
 
 pytestmark = pytest.mark.anyio

@@ -1,0 +1,93 @@
+"""What the task store deals in: a submission's facts, the submit script's decision, and a
+status read's state, from which the answers are made."""
+
+from __future__ import annotations
+
+import enum
+import functools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._scripts import FAILED
+
+
+class StoreUnavailable(Exception):
+    """Redis did not answer in time, or not at all."""
+
+
+class Outcome(enum.IntEnum):
+    """What the submit script decided."""
+
+    ACCEPTED = 1
+    REFUSED = 0  # past its deadline, or a tombstone: this id was already answered 503
+    OWNER_FULL = -1
+    QUEUE_FULL = -2
+    DUPLICATE = 2  # the idempotency key's earlier task, for the same request
+    CONFLICT = 3  # the idempotency key with another request
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """One submission's facts for the script: who, which route, and the caps that apply."""
+
+    task_id: str
+    app: str
+    route: str
+    owner: str | None
+    owner_cap: int | None
+    queued_cap: int | None
+    queue: str | None = None
+    idempotency_key: bytes | None = None  # the Redis key, not the client's
+    fingerprint: str = ""
+
+
+_FAILED_STATES = frozenset({"FAILURE", "REVOKED", "REJECTED"})
+
+
+@dataclass(frozen=True)
+class TaskState:
+    """A status read: the record (None: unknown), the outcome (a packed response or
+    ``_scripts.FAILED``), Celery's meta (progress, failure details; decoded only when asked
+    for, which a finished task's poll never does), and whether a worker runs the task now
+    (``live``) or ran it before (``began``: no heartbeat now means it waits to be delivered
+    again)."""
+
+    record: dict[str, Any] | None
+    outcome: bytes | None = None
+    raw_meta: bytes | None = None
+    live: bool = False
+    began: bool = False
+    decode: Callable[[bytes], dict[str, Any]] = field(default=json.loads, repr=False)
+
+    @functools.cached_property
+    def meta(self) -> dict[str, Any] | None:
+        return None if self.raw_meta is None else self.decode(self.raw_meta)
+
+    @property
+    def final(self) -> bool:
+        """Unknown (gone), or ended: nothing more to wait for."""
+        return (
+            self.record is None
+            or self.outcome is not None
+            or (self.meta is not None and self.meta.get("status") in _FAILED_STATES)
+        )
+
+    def summary(self, task_id: str) -> dict[str, Any]:
+        """The 202 body (and the event stream's status data): task id, status, progress."""
+        result = self.meta.get("result") if self.meta else None
+        progress = result.get("progress") if isinstance(result, dict) else None
+        return {
+            "task_id": task_id,
+            "status": "running" if self.live else "retrying" if self.began else "queued",
+            "progress": progress,
+        }
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome == FAILED or (
+            self.outcome is None
+            and self.meta is not None
+            and self.meta.get("status") in _FAILED_STATES
+        )
