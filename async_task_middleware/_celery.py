@@ -168,7 +168,7 @@ class Binding:
     expires: int
     # The queue list to LPUSH to when the broker is the same Redis; None: publish through Celery.
     fast_queue: str | None
-    # The messages to push there (``_message``); None with the fast queue.
+    # The messages to push there (``_message``); None without a fast queue.
     messages: MessageTemplates | None
 
     @classmethod

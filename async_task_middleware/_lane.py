@@ -1,16 +1,19 @@
-"""One pipelined Redis connection per event loop, for the reads on every status request.
+"""One pipelined Redis connection per event loop, for the status reads and small submissions.
 
 A status poll is one ``MGET``. Through redis-py's pool it costs more in the client than in
 Redis: a checkout and a release under the pool's lock, a task and a timer for the socket
 deadline, the command packed argument by argument. The lane instead keeps one connection,
 made by the store's own pool (so TLS, Sentinel, ACL user, database and client name are
 exactly the store's), writes each command the moment it is asked for, and hands the replies,
-which Redis sends in order, to the callers in the order they wrote. Under load the writes and
-the replies of many requests share each system call, without any batching delay.
+which Redis sends in order, to the callers in the order they wrote. Under load the replies of
+many requests arrive in one read, without any batching delay.
 
 The caller's deadline is the only timer. A caller that gives up (its deadline, a cancel)
 leaves the connection suspect, since the replies queued behind it may never come: the lane
 closes it, every caller still waiting gets the error at once, and the next call reconnects.
+A caller failed that way may have had its command run all the same: only idempotent commands
+ride the lane (reads, and the submit script, which accepts its own record again), so that the
+callers can simply try again.
 """
 
 from __future__ import annotations

@@ -259,7 +259,7 @@ def register_replay(
         code = unpack_response(packed)[0]
         logger.info("task %s finished: %d in %.3f s (request %s)", task_id, code, took, rid)
         replayed(route, queued, took, str(code))
-        return STORED
+        return dict(STORED)
 
     task: Task = celery_app.task(
         name=TASK_NAME,
