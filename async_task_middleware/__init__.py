@@ -17,15 +17,17 @@ The exceptions, all raised at start or in the worker, never to an HTTP client::
 """
 
 from ._celery import ConfigurationError
+from ._job import AttemptsExhausted, LoopBlocked
 from ._loop import LifespanFailed, ReplayTimeLimit
 from ._middleware import AsyncTaskMiddleware
 from ._openapi import document_tasks, tasks_openapi
 from ._policy import SealError, header_owner
+from ._pool import ReplayPool
 from ._progress import TaskCancelled, report_progress
 from ._replay import NoResponse, ResponseTooLarge
 from ._routes import Route
 from ._wire import WireFormatError
-from ._worker import AttemptsExhausted, LoopBlocked, register_replay
+from ._worker import register_replay
 
 __all__ = [
     "AsyncTaskMiddleware",
@@ -34,6 +36,7 @@ __all__ = [
     "LifespanFailed",
     "LoopBlocked",
     "NoResponse",
+    "ReplayPool",
     "ReplayTimeLimit",
     "ResponseTooLarge",
     "Route",

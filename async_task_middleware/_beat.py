@@ -1,18 +1,22 @@
 """One heartbeat for all the replays a worker process runs.
 
-Every ``interval`` a thread renews, in one pipeline, the heartbeat and the record of each running
-replay (``BEAT``), and cancels those whose record is gone (deleted: stop the task). A replay's
-own thread then makes one blocking wait for its outcome instead of waking twice a second to
-ask Redis alone: with thousands of I/O-bound replays in a threads-pool process, that is one
-round trip per interval instead of thousands.
+Every ``interval`` a thread renews, in one script call per 500 replays, the heartbeat and the
+record of each running replay (``BEAT``), and cancels those whose record is gone (deleted:
+stop the task). A replay's own thread, if it has one, then makes one blocking wait for its
+outcome instead of waking twice a second to ask Redis alone: with thousands of I/O-bound
+replays in a process, that is one round trip per interval instead of thousands. The beater
+also notices a replay past its deadline that no thread waits for (the replay pool's).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
+import math
 import os
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,12 +27,19 @@ from ._celery import Binding
 
 logger = logging.getLogger(__name__)
 
+#: Replays renewed by one script call: thousands in one would hold Redis up for a while.
+BEAT_BATCH = 500
+
 
 @dataclass
 class Beat:
     """A running replay, as the beater knows it."""
 
     future: concurrent.futures.Future[Any]
+    #: When the replay should be done by (``time.monotonic``), and what to call if it is not:
+    #: the replay pool has no thread waiting on it to notice a blocked loop.
+    deadline: float = math.inf
+    overdue: Callable[[], None] | None = None
     cancelled: bool = field(default=False)
 
 
@@ -44,8 +55,10 @@ class Beater(threading.Thread):
         self._running: dict[str, Beat] = {}
         self._lock = threading.Lock()
 
-    def add(self, task_id: str, future: concurrent.futures.Future[Any]) -> Beat:
-        beat = Beat(future)
+    def add(
+        self, task_id: str, future: concurrent.futures.Future[Any], deadline: float = math.inf
+    ) -> Beat:
+        beat = Beat(future, deadline)
         with self._lock:
             self._running[task_id] = beat
         return beat
@@ -57,11 +70,22 @@ class Beater(threading.Thread):
     def run(self) -> None:
         stop = threading.Event()
         while not stop.wait(self._interval):
+            self.check_deadlines()
             try:
                 self.beat()
             except RedisError as exc:
                 # The next round tries again; a replay is never stopped for a missed beat.
                 logger.warning("heartbeat not renewed: %s", type(exc).__name__)
+
+    def check_deadlines(self) -> None:
+        """Call ``overdue`` of the replays past their deadline, once; Redis or not."""
+        now = time.monotonic()
+        with self._lock:
+            late = [b for b in self._running.values() if b.overdue and b.deadline < now]
+        for beat in late:
+            overdue, beat.overdue = beat.overdue, None
+            if overdue is not None and not beat.future.done():
+                overdue()
 
     def beat(self) -> None:
         with self._lock:
@@ -69,18 +93,15 @@ class Beater(threading.Thread):
         if not running:
             return
         b = self._binding
-        pipe = self._client.pipeline(transaction=False)
-        for task_id, _ in running:
-            self._script(
-                keys=[b.record_key(task_id), b.heartbeat_key(task_id)],
-                args=[b.expires, self._heartbeat_ms],
-                client=pipe,
-            )
-        for (task_id, beat), alive in zip(running, pipe.execute(), strict=True):
-            if not alive:
-                logger.info("task %s was deleted: stopping it", task_id)
-                beat.cancelled = True
-                beat.future.cancel()
+        for at in range(0, len(running), BEAT_BATCH):
+            batch = running[at : at + BEAT_BATCH]
+            keys = [k for t, _ in batch for k in (b.record_key(t), b.heartbeat_key(t))]
+            alive = self._script(keys=keys, args=[b.expires, self._heartbeat_ms])
+            for (task_id, beat), ok in zip(batch, alive, strict=True):
+                if not ok:
+                    logger.info("task %s was deleted: stopping it", task_id)
+                    beat.cancelled = True
+                    beat.future.cancel()
 
 
 _beaters: dict[int, Beater] = {}

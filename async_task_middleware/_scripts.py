@@ -149,13 +149,21 @@ redis.call('PUBLISH', ARGV[4], 'running')
 return n
 """
 
-# The worker, while the replay runs (every cancel_check_interval): renew the heartbeat and the
-# record's lifetime. KEYS: record, heartbeat  ARGV: lifetime, heartbeat lifetime (ms)
-# -> 0 when the record is gone: the task was deleted, stop it
+# The worker, while its replays run (every cancel_check_interval): renew each one's heartbeat
+# and its record's lifetime, all in one call.
+# KEYS: record, heartbeat of each replay, in pairs  ARGV: lifetime, heartbeat lifetime (ms)
+# -> per pair, 0 when the record is gone (the task was deleted: stop it), else 1
 BEAT = """
-if redis.call('EXPIRE', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
-return 1
+local alive = {}
+for i = 1, #KEYS, 2 do
+  if redis.call('EXPIRE', KEYS[i], ARGV[1]) == 0 then
+    alive[#alive + 1] = 0
+  else
+    redis.call('SET', KEYS[i + 1], '1', 'PX', ARGV[2])
+    alive[#alive + 1] = 1
+  end
+end
+return alive
 """
 
 # The worker, after a replay: store the outcome (the packed response, or FAILED), restart the

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -403,9 +404,10 @@ class Suite:
         worker.stop()
         return results
 
-    def io_bound(self, count: int) -> dict[str, float]:
-        """``count`` replays of an endpoint that awaits 2 s, on one threads-pool worker process,
-        waited for with ``Prefer: wait`` long polls from one in-process web app."""
+    def io_bound(self, count: int, pool: str = "replay") -> dict[str, float]:
+        """``count`` replays of an endpoint that awaits 2 s, on one worker process (the replay
+        pool, or Celery's threads pool), waited for with ``Prefer: wait`` long polls from one
+        in-process web app."""
         import anyio
         from asgi_lifespan import LifespanManager
 
@@ -416,9 +418,9 @@ class Suite:
         worker = Worker(
             "tests.worker",
             {**self.env, "ATM_TEST_TIME_LIMIT": "120"},
-            self.tmp / f"io-{count}.log",
+            self.tmp / f"io-{count}-{pool}.log",
             concurrency=count,
-            pool="threads",
+            pool=pool,
         ).start()
         self.workers.append(worker)
         app = build_probe(Celery("io", broker=self.redis.url, backend=self.redis.url))
@@ -645,11 +647,11 @@ def _trip(suite: Suite, args: argparse.Namespace) -> None:
 
 
 def _io(suite: Suite, args: argparse.Namespace) -> None:
-    for count in args.io:
-        io = suite.io_bound(count)
+    for count, pool in itertools.product(args.io, args.io_pools):
+        io = suite.io_bound(count, pool)
         print(
             f"{count:,} replays of `await asyncio.sleep(2)` on one worker process "
-            f"(--pool threads -c {count}): submitted in {io['submitted']:.1f} s, the last final "
+            f"({pool} pool, -c {count}): submitted in {io['submitted']:.1f} s, the last final "
             f"{io['last after submission']:.1f} s after the last submission; worker RSS "
             f"{io['rss MiB']:.0f} MiB with them in flight; {count:,} long polls held "
             f"{io['connections']:.0f} Redis connections in the web process",
@@ -697,6 +699,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--io", type=int, nargs="*", default=[1000, 5000])
+    parser.add_argument("--io-pools", nargs="*", choices=["replay", "threads"], default=["replay"])
     parser.add_argument("--drain", type=int, default=5000)
     parser.add_argument("--large-mib", type=int, default=10)
     parser.add_argument("--rss-requests", type=int, default=100_000)

@@ -217,7 +217,8 @@ class Sentinels:
 
 
 class Worker:
-    """``celery -A <module> worker`` as a separate process, ready once it says so."""
+    """``celery -A <module> worker`` as a separate process, ready once it says so. ``pool`` is
+    Celery's ``--pool``, or ``replay``: the library's replay pool, named as the README does."""
 
     def __init__(
         self,
@@ -238,6 +239,10 @@ class Worker:
 
     def start(self) -> Worker:
         env = {**os.environ, **self._env}
+        pool = self._pool
+        if pool == "replay":
+            env["CELERY_CUSTOM_WORKER_POOL"] = "async_task_middleware:ReplayPool"
+            pool = "custom"
         offset = self._logfile.stat().st_size if self._logfile.exists() else 0
         with self._logfile.open("ab") as log:
             self._proc = subprocess.Popen(
@@ -248,7 +253,7 @@ class Worker:
                     "-A",
                     self._module,
                     "worker",
-                    f"--pool={self._pool}",
+                    f"--pool={pool}",
                     f"--concurrency={self._concurrency}",
                     "--loglevel=INFO",
                     "--without-mingle",

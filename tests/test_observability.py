@@ -118,5 +118,5 @@ async def test_the_request_id_joins_the_web_and_worker_logs(
                 return any(event in line and expected in line for line in lines)
 
             with anyio.fail_after(10):
-                while not (logged("started: POST /echo") and logged("finished: 200")):
+                while not logged("finished: POST /echo 200 in"):
                     await anyio.sleep(0.1)

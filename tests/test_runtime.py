@@ -59,13 +59,14 @@ async def wait_status(
     return time.monotonic() - started
 
 
+@pytest.mark.parametrize("pool", ["prefork", "replay"])
 async def test_a_whole_worker_killed_is_redelivered_within_the_visibility_timeout(
-    client: httpx.AsyncClient, private_redis: RedisServer, tmp_path: Path
+    client: httpx.AsyncClient, private_redis: RedisServer, tmp_path: Path, pool: str
 ) -> None:
     """SIGKILL of the main process and its pool: the message stays in kombu's unacked index,
     no longer renewed, and comes back after the visibility timeout; meanwhile the status says
     "retrying"."""
-    worker = worker_on(private_redis, tmp_path / "w.log").start()
+    worker = worker_on(private_redis, tmp_path / "w.log", pool).start()
     key = f"whole-{uuid.uuid4()}"
     try:
         location = await submit(client, f"/mark?seconds=5&key={key}")
@@ -83,12 +84,13 @@ async def test_a_whole_worker_killed_is_redelivered_within_the_visibility_timeou
     print(f"whole-worker kill to completion: {recovered:.1f} s")
 
 
+@pytest.mark.parametrize("pool", ["prefork", "replay"])
 async def test_a_replay_five_times_the_visibility_timeout_runs_once(
-    client: httpx.AsyncClient, private_redis: RedisServer, tmp_path: Path
+    client: httpx.AsyncClient, private_redis: RedisServer, tmp_path: Path, pool: str
 ) -> None:
     """Leases keep renewing a running task's claim: a second worker beside it never gets it."""
     env = {"ATM_TEST_TIME_LIMIT": "60"}
-    first = worker_on(private_redis, tmp_path / "a.log", **env).start()
+    first = worker_on(private_redis, tmp_path / "a.log", pool, **env).start()
     second: Worker | None = None
     key = f"long-{uuid.uuid4()}"
     try:
@@ -171,12 +173,14 @@ async def test_a_lifespan_startup_past_its_timeout_fails_the_task(
         worker.stop()
 
 
-async def test_thousands_of_io_bound_replays_in_one_threads_worker(
-    client: httpx.AsyncClient, private_redis: RedisServer, tmp_path: Path
+@pytest.mark.parametrize("pool", ["replay", "threads"])
+async def test_hundreds_of_io_bound_replays_in_one_worker_process(
+    client: httpx.AsyncClient, private_redis: RedisServer, tmp_path: Path, pool: str
 ) -> None:
-    """The command the README gives for I/O-bound endpoints: ``--pool threads -c 500``. 500
-    replays of an endpoint that awaits 1 s, on one worker process, in a few seconds."""
-    worker = worker_on(private_redis, tmp_path / "w.log", "threads", concurrency="500").start()
+    """The command the README gives for I/O-bound endpoints (the replay pool, ``-c 500``), and
+    Celery's threads pool: 500 replays of an endpoint that awaits 1 s, on one worker process,
+    in a few seconds."""
+    worker = worker_on(private_redis, tmp_path / "w.log", pool, concurrency="500").start()
     try:
         started = time.monotonic()
         locations = [await submit(client, "/slow?seconds=1") for _ in range(500)]
@@ -199,7 +203,8 @@ async def test_thousands_of_io_bound_replays_in_one_threads_worker(
     finally:
         worker.stop()
     print(
-        f"500 replays of a 1 s await: submitted in {submitted:.1f} s, all done in {elapsed:.1f} s"
+        f"500 replays of a 1 s await on the {pool} pool: submitted in {submitted:.1f} s, "
+        f"all done in {elapsed:.1f} s"
     )
     assert elapsed < 30
 

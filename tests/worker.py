@@ -63,3 +63,9 @@ if os.environ.get("ATM_TEST_METRICS_PORT"):
     import prometheus_client
 
     prometheus_client.start_http_server(int(os.environ["ATM_TEST_METRICS_PORT"]))
+
+
+@celery_app.task(name="tests.add")
+def add(a: int, b: int) -> int:
+    """A plain Celery task beside the replay, on whichever pool the worker runs."""
+    return a + b

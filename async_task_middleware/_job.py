@@ -1,0 +1,348 @@
+"""One delivery of the replay task, from its first step to its last.
+
+``begin`` counts the delivery and checks the submission record (``BEGIN``); ``start`` opens the
+sealed headers and hands the replay to this process's event loop (``_loop``) under the time
+limit, with the process's beater (``_beat``) keeping its heartbeat and stopping it when deleted;
+``wait`` waits for it; ``finish`` stores the outcome ready to send (``FINISH``), ``fail`` the
+failure. The task runs the steps in a row on its pool's thread; the replay pool (``_pool``)
+runs ``begin`` and ``start`` before Celery's trace and the rest inside it, so that no thread
+waits while the replay runs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from billiard.process import current_process
+from celery import Task, states
+from celery.exceptions import Ignore
+
+from . import _scripts
+from ._apps import Apps
+from ._beat import Beat, Beater, process_beater
+from ._celery import HARD_LIMIT_GRACE, Binding
+from ._deployment import again
+from ._loop import ReplayTimeLimit, process_loop, replace_process_loop
+from ._metrics import replayed
+from ._policy import Keys, join_headers
+from ._progress import TaskCancelled
+from ._replay import replay
+from ._wire import check, split_response, unpack_response
+
+logger = logging.getLogger(__name__)
+
+#: What the replay task returns, and Celery's meta says: the response itself is in the store.
+STORED = {"v": 1, "stored": True}
+_backends: dict[tuple[int, int], Any] = {}
+_backends_lock = threading.Lock()
+
+
+class AttemptsExhausted(Exception):
+    """The replay's worker died on every delivery, ``max_attempts`` times."""
+
+    def __init__(self, attempts: int) -> None:
+        super().__init__(f"the worker died on each of {attempts} attempts")
+
+
+class LoopBlocked(Exception):
+    """The replay held its worker's event loop (or thread) past the hard time limit."""
+
+
+@dataclass
+class Runtime:
+    """What ``register_replay`` settles once for every delivery of its task."""
+
+    binding: Binding
+    apps: Apps
+    keys: Keys | None
+    max_attempts: int
+    time_limit: float
+    max_response_size: int
+    lifespan_timeout: float
+    cancel_check_interval: float
+    heartbeat_ms: int
+
+    def __post_init__(self) -> None:
+        self._scripts: dict[int, tuple[Any, Any]] = {}
+        #: Deliveries the replay pool has begun, by task id, for their trace to finish.
+        self.begun: dict[str, Job] = {}
+
+    def scripts(self, store: Any) -> tuple[Any, Any]:
+        if id(store) not in self._scripts:
+            self._scripts[id(store)] = (
+                store.register_script(_scripts.BEGIN),
+                store.register_script(_scripts.FINISH),
+            )
+        return self._scripts[id(store)]
+
+    def run(self, task: Task, envelope: Any) -> dict[str, Any]:
+        """The task's body: a delivery begun by the replay pool is taken up where it is."""
+        job = self.begun.pop(task.request.id, None) or Job(self, task, task.request.id, envelope)
+        job.begin()
+        try:
+            job.start()
+            packed = job.wait()
+        except Ignore:
+            raise
+        except LoopBlocked as exc:
+            job.replace_blocked(exc)
+            raise
+        except BaseException as exc:
+            job.fail(exc)
+            raise
+        return job.finish(packed)
+
+
+class Job:
+    """One delivery. ``begin`` and ``start`` happen once: called again (by the trace of a
+    delivery the replay pool began), they raise what they raised the first time."""
+
+    def __init__(self, runtime: Runtime, task: Task, task_id: str, envelope: Any) -> None:
+        self.runtime = runtime
+        self.task = task
+        self.task_id = task_id
+        self.backend = _process_backend(task)
+        self.store = self.backend.client  # the result backend's own (synchronous) client
+        self._begin_script, self._finish_script = runtime.scripts(self.store)
+        b = runtime.binding
+        check(envelope)  # a foreign or damaged message fails here, stored as its failure
+        self.envelope: dict[str, Any] = envelope
+        self.rid = str(envelope.get("request_id") or "-")  # the client's, to join the web's logs
+        self.route = envelope.get("route")
+        self.channel = b.events_channel(task_id)
+        self.record_key, self.heartbeat_key = b.record_key(task_id), b.heartbeat_key(task_id)
+        self.limit = _route_limit(envelope, runtime.time_limit)
+        self.queued = -1.0
+        self.attempt = 0
+        self.began = 0.0
+        self.deadline = 0.0
+        self.future: concurrent.futures.Future[bytes] | None = None
+        self.beat: Beat | None = None
+        self.beater: Beater | None = None
+        self._steps: dict[str, BaseException | None] = {}
+
+    def begin(self) -> None:
+        """Count this delivery; a deleted or finished task, or one whose worker died
+        ``max_attempts`` times, goes no further (``Ignore``)."""
+        self._once("begin", self._begin)
+
+    def _begin(self) -> None:
+        b, task_id = self.runtime.binding, self.task_id
+        queued_set = b.queued_set_key(str(self.envelope.get("app")), str(self.route))
+        keys = [
+            self.record_key,
+            b.attempts_key(task_id),
+            queued_set,
+            b.result_key(task_id),
+            self.heartbeat_key,
+            b.message_key(task_id),
+        ]
+        token = uuid.uuid4().hex  # this delivery's: a BEGIN tried again counts it once
+        values = [b.expires, task_id, self.runtime.heartbeat_ms, self.channel, token]
+        attempts = again(lambda: self._begin_script(keys=keys, args=values), "beginning a task")
+        if attempts == -1:
+            logger.info("task %s already has its outcome: not run again", task_id)
+            raise Ignore()
+        if attempts == 0:
+            self.drop()
+        if attempts > self.runtime.max_attempts:
+            # Each earlier delivery died with its worker: stop redelivering, report a failure.
+            logger.warning("task %s failed: its worker died %d times", task_id, attempts - 1)
+            self.backend.mark_as_failure(task_id, AttemptsExhausted(attempts - 1))
+            self.finished(_scripts.FAILED)
+            raise Ignore()
+        submitted = self.envelope.get("submitted")
+        self.queued = time.time() - submitted if isinstance(submitted, float | int) else -1.0
+        self.attempt = attempts
+        # One line at INFO per task, when it ends (Celery's own say when it was received).
+        logger.debug(
+            "task %s started: %s, attempt %d, %.3f s after submission (request %s)",
+            *(task_id, self.route, attempts, self.queued, self.rid),
+        )
+        self.began = time.monotonic()
+
+    def start(self) -> None:
+        """Hand the replay to this process's loop, under its time limit and the beater."""
+        self._once("start", self._start)
+
+    def _once(self, step: str, do: Callable[[], None]) -> None:
+        """``do`` once; called again, raise what it raised the first time."""
+        if step not in self._steps:
+            try:
+                do()
+                self._steps[step] = None
+            except BaseException as exc:
+                self._steps[step] = exc
+        error = self._steps[step]
+        if error is not None:
+            raise error
+
+    def _start(self) -> None:
+        rt, task_id = self.runtime, self.task_id
+        app = rt.apps.get(str(self.envelope.get("app", "")))
+        headers = join_headers(self.envelope["headers"], self.envelope.get("sealed"), rt.keys)
+        coro = replay(app, self.envelope, headers, rt.max_response_size, rt.lifespan_timeout)
+        # One wait: the beater stops a deleted task, the loop's own limit a long one; a replay
+        # still running past both has blocked its loop.
+        self.deadline = time.monotonic() + self.limit + HARD_LIMIT_GRACE / 2
+        self.future = process_loop().run(coro, self.progress, self.limit)
+        self.beater = process_beater(
+            self.store, rt.binding, rt.cancel_check_interval, rt.heartbeat_ms
+        )
+        self.beat = self.beater.add(task_id, self.future, self.deadline)
+
+    def progress(self, data: dict[str, Any]) -> None:
+        """The endpoint's ``report_progress`` (from its loop, or its thread for a ``def``)."""
+        if self.beat is not None and self.beat.cancelled:
+            raise TaskCancelled(f"task {self.task_id} was deleted")
+        self.task.update_state(task_id=self.task_id, state="STARTED", meta={"progress": data})
+        if self.beat is not None and self.beat.cancelled:
+            self.store.delete(self.runtime.binding.meta_key(self.task_id))  # raced the delete
+            raise TaskCancelled(f"task {self.task_id} was deleted")
+        self.store.publish(self.channel, b"progress")
+
+    def wait(self) -> bytes:
+        """The replay's packed response, once it is done."""
+        assert self.future is not None
+        assert self.beat is not None
+        assert self.beater is not None
+        future = self.future
+        try:
+            return future.result(timeout=max(0.0, self.deadline - time.monotonic()))
+        except concurrent.futures.CancelledError:
+            if self.beat.cancelled:
+                self.drop()
+            raise
+        except TimeoutError:
+            if future.done():
+                raise  # the endpoint's own TimeoutError: a failure like any other
+            future.cancel()
+            raise LoopBlocked(
+                f"the replay did not stop within its {self.limit:g} s limit"
+            ) from None
+        except BaseException:
+            future.cancel()  # a worker shutdown: stop the replay too
+            raise
+        finally:
+            self.beater.remove(self.task_id)
+
+    def finish(self, packed: bytes) -> dict[str, Any]:
+        # A record deleted while the replay ran keeps nothing.
+        if not self.finished(packed):
+            self.drop()
+        took = time.monotonic() - self.began
+        code = unpack_response(packed)[0]
+        logger.info(
+            "task %s finished: %s %d in %.3f s, attempt %d, started %.3f s after submission "
+            "(request %s)",
+            *(self.task_id, self.route, code, took, self.attempt, self.queued, self.rid),
+        )
+        replayed(self.route, self.queued, took, str(code))
+        return dict(STORED)
+
+    def fail(self, exc: BaseException) -> None:
+        if isinstance(exc, Exception):
+            # Stored before the outcome, so that whoever reads FAILED finds the details;
+            # Celery stores the same again as the task raises.
+            self.backend.mark_as_failure(self.task_id, exc)
+        self.finished(_scripts.FAILED)  # leave the owner's unfinished tasks
+        took = time.monotonic() - self.began
+        logger.info(
+            "task %s failed: %s after %.3f s, attempt %d, started %.3f s after submission "
+            "(request %s)",
+            *(self.task_id, self.route, took, self.attempt, self.queued, self.rid),
+        )
+        replayed(self.route, self.queued, took, "failed")
+
+    def drop(self) -> None:
+        """Deleted, expired, or never fully submitted: nothing runs, nothing is stored."""
+        b, task_id = self.runtime.binding, self.task_id
+        stale = (b.meta_key(task_id), b.attempts_key(task_id), self.heartbeat_key)
+        again(lambda: self.store.delete(*stale), "dropping a task")
+        logger.info("task %s dropped: its record is gone (request %s)", task_id, self.rid)
+        raise Ignore()
+
+    def finished(self, outcome: bytes) -> bool:
+        """Store ``outcome`` (a packed response, or ``FAILED``); False if the record is gone."""
+        b, task_id = self.runtime.binding, self.task_id
+        ends = [
+            self.record_key,
+            b.result_key(task_id),
+            b.owner_set_key(self.envelope.get("owner")),
+            self.heartbeat_key,
+            b.body_key(task_id),
+            b.meta_key(task_id),
+        ]
+        failed = outcome == _scripts.FAILED
+        head, apart = (outcome, None) if failed else split_response(outcome)
+        values = [
+            head,
+            b.expires,
+            task_id,
+            self.channel,
+            b"" if apart is None else apart,
+            b"" if failed else _success_meta(self.backend, task_id),
+        ]
+        stored = again(lambda: self._finish_script(keys=ends, args=values), "storing an outcome")
+        return bool(stored)
+
+    def replace_blocked(self, exc: LoopBlocked) -> None:
+        """A replay that blocks the loop (``time.sleep`` in an ``async def``) or a thread past
+        its limit would stall every replay after it in this process: fail it, then replace the
+        process (prefork: the pool starts a new one) or, where other replays share the
+        process, its loop."""
+        logger.error("task %s failed: %s; the blocked work is abandoned", self.task_id, exc)
+        self.backend.mark_as_failure(self.task_id, ReplayTimeLimit(str(exc)))
+        self.finished(_scripts.FAILED)
+        if current_process().name.startswith("ForkPoolWorker"):
+            logger.error(
+                "replacing worker process %d, blocked by task %s", os.getpid(), self.task_id
+            )
+            os._exit(1)  # the redelivery finds the outcome stored and does not run again
+        replace_process_loop()
+
+
+def _process_backend(task: Task) -> Any:
+    """One result backend per process for the replay's own reads and writes. Celery keeps one
+    per thread (for its result consumers), so that on the threads pool each of a thousand
+    threads would build a backend, its connection pool and its connections; the Redis client
+    underneath is thread-safe, and one serves them all."""
+    key = (os.getpid(), id(task.app))
+    backend = _backends.get(key)
+    if backend is None:
+        with _backends_lock:
+            backend = _backends.setdefault(key, task.backend)
+    return backend
+
+
+def _success_meta(backend: Any, task_id: str) -> Any:
+    """The result meta Celery itself would store for the replay's success (its result says
+    that the response is stored), for AsyncResult, Flower and the like."""
+    return backend.encode(
+        {
+            "status": states.SUCCESS,
+            "result": STORED,
+            "traceback": None,
+            "children": [],
+            # Celery's app.now() in one step (it goes through UTC and dateutil: slow).
+            "date_done": datetime.datetime.now(backend.app.timezone).isoformat(),
+            "task_id": task_id,
+        }
+    )
+
+
+def _route_limit(envelope: dict[str, Any], default: float) -> float:
+    """The route's own time limit, carried in the message, else the worker's."""
+    limit = envelope.get("time_limit")
+    if isinstance(limit, int | float) and not isinstance(limit, bool) and limit > 0:
+        return float(limit)
+    return default

@@ -1,0 +1,185 @@
+"""The replay pool (``ReplayPool``): a real worker process running it, a real Redis, the probe
+app; the same outcomes as on Celery's own pools, with no thread held while a replay runs."""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+import redis
+from asgi_lifespan import LifespanManager
+from celery import Celery
+from celery.result import AsyncResult
+
+from tests._servers import RedisServer, Worker
+from tests.apps import build_probe
+from tests.conftest import final, make_client, submit
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path_factory.mktemp("pool") / "redis") as server:
+        yield server
+
+
+def replay_worker(server: RedisServer, log: Path, concurrency: int = 200) -> Worker:
+    env = {"REDIS_URL": server.url, "BROKER_URL": "", "ATM_TEST_TIME_LIMIT": "3"}
+    return Worker("tests.worker", env, log, concurrency, "replay")
+
+
+@pytest.fixture(scope="module")
+def worker(module_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    worker = replay_worker(module_redis, tmp_path_factory.mktemp("pool") / "w.log").start()
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture
+async def client(module_redis: RedisServer, worker: Worker) -> AsyncIterator[httpx.AsyncClient]:
+    celery_app = Celery("pool", broker=module_redis.url, backend=module_redis.url)
+    async with LifespanManager(app := build_probe(celery_app)), make_client(app) as c:
+        yield c
+
+
+def runs(server: RedisServer, key: str) -> int:
+    return int(redis.Redis.from_url(server.url).get(key) or 0)
+
+
+async def test_the_outcomes_are_those_of_any_pool(
+    client: httpx.AsyncClient, module_redis: RedisServer
+) -> None:
+    """A response as the endpoint sent it, the app's own 404, a failure as a 500 with Celery's
+    FAILURE meta, progress while it runs; and the queue and the unacked index empty after."""
+    echoed = await submit(client, "/echo?x=1", content=b"\x00hostile\r\n body")
+    not_found = await submit(client, "/notfound")
+    failed = await submit(client, "/boom")
+    progressing = await submit(client, "/progress?seconds=1")
+
+    response = await final(client, echoed)
+    assert response.status_code == 200
+    assert base64.b64decode(response.json()["body"]) == b"\x00hostile\r\n body"
+    assert (await final(client, not_found)).status_code == 404
+    response = await final(client, failed)
+    assert response.status_code == 500
+    assert b"secret detail" not in response.content
+    celery_app = Celery("pool", broker=module_redis.url, backend=module_redis.url)
+    assert AsyncResult(failed.rsplit("/", 1)[1], app=celery_app).state == "FAILURE"
+    with anyio.fail_after(10):
+        while (body := (await client.get(progressing)).json()).get("progress") is None:
+            await anyio.sleep(0.05)
+    assert body["progress"] == {"step": 1, "of": 2}
+    assert (await final(client, progressing)).json() == {"done": True}
+    admin = redis.Redis.from_url(module_redis.url)
+    with anyio.fail_after(5):
+        while admin.zcard("unacked_index") or admin.llen("celery"):
+            await anyio.sleep(0.05)
+
+
+async def test_a_delete_stops_the_running_replay(
+    client: httpx.AsyncClient, module_redis: RedisServer
+) -> None:
+    """The beater cancels the replay's task on the loop: its side effect never happens, the
+    status is 404, and the message is acknowledged."""
+    key = f"deleted-{uuid.uuid4()}"
+    location = await submit(client, f"/mark?seconds=2&key={key}")
+    with anyio.fail_after(10):
+        while (await client.get(location)).json().get("status") != "running":
+            await anyio.sleep(0.05)
+    assert (await client.delete(location)).status_code == 204
+    await anyio.sleep(3)
+    assert runs(module_redis, key) == 0
+    assert (await client.get(location)).status_code == 404
+    assert redis.Redis.from_url(module_redis.url).zcard("unacked_index") == 0
+
+
+async def test_the_time_limit_holds(client: httpx.AsyncClient) -> None:
+    """Past the 3 s limit an awaiting replay is cancelled in its loop: a 500 at once."""
+    started = time.monotonic()
+    assert (await final(client, await submit(client, "/slow?seconds=30"))).status_code == 500
+    assert time.monotonic() - started < 5
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """For a test's own worker: the module's worker takes nothing from it."""
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+async def test_a_blocked_loop_is_failed_and_replaced(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    """A replay that blocks its loop has no thread waiting on it: the beater notices it past
+    its deadline, the trace fails it, and the replays after it run on a new loop."""
+    worker = replay_worker(own_redis, tmp_path / "w.log").start()
+    celery_app = Celery("pool", broker=own_redis.url, backend=own_redis.url)
+    app = build_probe(celery_app)
+    try:
+        async with LifespanManager(app), make_client(app) as c:
+            started = time.monotonic()
+            blocked = await submit(c, "/block?seconds=20")
+            assert (await final(c, blocked, timeout=30)).status_code == 500
+            assert time.monotonic() - started < 12  # 3 s limit, 5 s grace, a beat or two
+            after = [await submit(c, "/echo", content=b"after %d" % i) for i in range(5)]
+            for location in after:
+                assert (await final(c, location, timeout=10)).status_code == 200
+    finally:
+        worker.stop()
+    assert "the replay did not stop within its 3 s limit" in (tmp_path / "w.log").read_text()
+
+
+async def test_a_warm_shutdown_lets_running_replays_finish(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    """SIGTERM with 50 replays running: the worker stops taking messages, each running one ends
+    and is stored, each runs once, and nothing is left unacknowledged."""
+    worker = replay_worker(own_redis, tmp_path / "w.log").start()
+    celery_app = Celery("pool", broker=own_redis.url, backend=own_redis.url)
+    app = build_probe(celery_app)
+    keys = [f"warm-{uuid.uuid4()}" for _ in range(50)]
+    admin = redis.Redis.from_url(own_redis.url)
+    try:
+        async with LifespanManager(app), make_client(app) as c:
+            locations = [await submit(c, f"/mark?seconds=2&key={key}") for key in keys]
+            with anyio.fail_after(10):
+                while admin.llen("celery"):
+                    await anyio.sleep(0.05)
+            worker._proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+            with anyio.fail_after(20):
+                while worker._proc.poll() is None:  # type: ignore[union-attr]
+                    await anyio.sleep(0.1)
+            for location in locations:
+                response = await c.get(location)
+                assert response.status_code == 200, response.text
+                assert response.json()["marked"] in keys
+    finally:
+        worker.stop()
+    assert [runs(own_redis, key) for key in keys] == [1] * 50
+    assert admin.zcard("unacked_index") == 0
+
+
+async def test_other_tasks_run_as_on_the_threads_pool(
+    module_redis: RedisServer, worker: Worker
+) -> None:
+    """A plain Celery task on the same worker runs in a thread, as Celery's threads pool runs
+    it: its result is stored."""
+    celery_app = Celery("pool", broker=module_redis.url, backend=module_redis.url)
+    celery_app.conf.accept_content = ["json"]
+    result = celery_app.send_task("tests.add", args=[2, 3])
+    assert await anyio.to_thread.run_sync(lambda: result.get(timeout=20)) == 5
+    assert (
+        json.loads(redis.Redis.from_url(module_redis.url).get(f"celery-task-meta-{result.id}"))[
+            "status"
+        ]
+        == "SUCCESS"
+    )
