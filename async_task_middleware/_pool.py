@@ -77,18 +77,22 @@ class ReplayPool(ThreadsPool):  # type: ignore[misc]
         if accept_callback:
             accept_callback(os.getpid(), time.monotonic())
         once = threading.Lock()
+        task_id, body, content_type, content_encoding = args[1], args[3], args[4], args[5]
+        try:
+            decoded = loads(body, content_type, content_encoding, accept=self._accept)  # type: ignore[no-untyped-call]
+            (envelope, *_), _, _ = decoded
+            # The trace takes the body decoded (no content type), as Celery's own does.
+            args = (*args[:3], decoded, None, None, *args[6:])
+            job: Job | None = Job(runtime, self.app.tasks[TASK_NAME], task_id, envelope)
+        except Exception:
+            job = None  # the trace meets the same error and fails the task as Celery does
 
         def trace(*_: Any) -> None:
             if once.acquire(blocking=False):
                 self._steps.submit(self._trace, target, args, kwargs, callback)
 
-        task_id, body, content_type, content_encoding = args[1], args[3], args[4], args[5]
-        try:
-            decoded = loads(body, content_type, content_encoding, accept=self._accept)  # type: ignore[no-untyped-call]
-            (envelope, *_), _, _ = decoded
-            job = Job(runtime, self.app.tasks[TASK_NAME], task_id, envelope)
-        except Exception:
-            trace()  # the trace meets the same error and fails the task as Celery does
+        if job is None:
+            trace()
             return
         runtime.begun[task_id] = job
         try:
