@@ -43,7 +43,8 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
     def connection_for_read(self, heartbeat: float | None = None) -> Any:
         connection = self.app.connection_for_read(heartbeat=heartbeat)
         transport = connection.transport  # made here, connected below: its first channel too
-        transport.Channel = _keeping_client(transport.Channel)
+        if isinstance(transport, kombu_redis.Transport):  # Sentinel's too; not RabbitMQ's
+            transport.Channel = _keeping_client(transport.Channel)
         return self.ensure_connected(connection)
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
@@ -77,13 +78,13 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
         super().on_connection_error_after_connected(exc)
 
 
-_kept: dict[type, type] = {}
+_kept: dict[type[Any], type[Any]] = {}
 
 
-def _keeping_client(channel_class: type) -> type:
-    """``channel_class`` (kombu's Redis or Sentinel channel) keeping one client; any other
-    transport's as it is."""
-    if not issubclass(channel_class, kombu_redis.Channel) or issubclass(channel_class, _Keeping):
+def _keeping_client(channel_class: type[Any]) -> type[Any]:
+    """``channel_class`` (kombu's Redis or Sentinel channel, or an app's subclass of them)
+    keeping one client."""
+    if issubclass(channel_class, _Keeping):
         return channel_class
     if channel_class not in _kept:
         _kept[channel_class] = type(channel_class.__name__, (_Keeping, channel_class), {})

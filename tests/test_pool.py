@@ -22,6 +22,7 @@ from celery.result import AsyncResult
 from tests._servers import RedisServer, Worker
 from tests.apps import build_probe
 from tests.conftest import final, make_client, submit
+from tests.faults import RABBITMQ_URL, rabbitmq_up
 
 pytestmark = pytest.mark.anyio
 
@@ -183,3 +184,31 @@ async def test_other_tasks_run_as_on_the_threads_pool(
         ]
         == "SUCCESS"
     )
+
+
+@pytest.mark.skipif(not rabbitmq_up(), reason="no RabbitMQ on 127.0.0.1:5672")
+async def test_on_rabbitmq(own_redis: RedisServer, tmp_path: Path) -> None:
+    """With RabbitMQ as the broker (a queue of this test's own on the shared server): results,
+    a failure, and every message acknowledged (none back in the queue when the worker goes)."""
+    queue = f"pool-{uuid.uuid4().hex}"
+    env = {"REDIS_URL": own_redis.url, "BROKER_URL": RABBITMQ_URL, "ATM_TEST_TIME_LIMIT": "3"}
+    worker = Worker("tests.worker", env, tmp_path / "w.log", 50, "replay", queues=queue).start()
+    celery_app = Celery("pool", broker=RABBITMQ_URL, backend=own_redis.url)
+    celery_app.conf.update(
+        task_default_queue=queue, broker_transport_options={"confirm_publish": True}
+    )
+    app = build_probe(celery_app)
+    try:
+        async with LifespanManager(app), make_client(app) as c:
+            slow = [await submit(c, "/slow?seconds=1") for _ in range(30)]
+            failed = await submit(c, "/boom")
+            for location in slow:
+                assert (await final(c, location)).json() == {"slept": 1.0}
+            assert (await final(c, failed)).status_code == 500
+        worker.stop()  # RabbitMQ requeues what a consumer leaves unacknowledged
+        with celery_app.connection_for_write() as connection:
+            assert connection.default_channel.queue_declare(queue, passive=True).message_count == 0
+    finally:
+        worker.stop()
+        with celery_app.connection_for_write() as connection:
+            connection.default_channel.queue_delete(queue)
