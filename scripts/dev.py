@@ -211,6 +211,7 @@ END_TO_END = [
     "tests/test_servers.py",
     "tests/test_protocol.py",
     "tests/test_replay.py",
+    "tests/test_pool.py",
 ]
 
 
