@@ -70,12 +70,14 @@ class Beater(threading.Thread):
     def run(self) -> None:
         stop = threading.Event()
         while not stop.wait(self._interval):
-            self.check_deadlines()
             try:
+                self.check_deadlines()
                 self.beat()
-            except RedisError as exc:
-                # The next round tries again; a replay is never stopped for a missed beat.
-                logger.warning("heartbeat not renewed: %s", type(exc).__name__)
+            except Exception as exc:
+                # The next round tries again; a replay is never stopped for a missed beat,
+                # and this thread, which every running replay relies on, never ends early.
+                unexpected = not isinstance(exc, RedisError)
+                logger.warning("heartbeat not renewed: %r", exc, exc_info=unexpected)
 
     def check_deadlines(self) -> None:
         """Call ``overdue`` of the replays past their deadline, once; Redis or not."""

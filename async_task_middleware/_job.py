@@ -31,7 +31,7 @@ from ._apps import Apps
 from ._beat import Beat, Beater, process_beater
 from ._celery import HARD_LIMIT_GRACE, Binding
 from ._deployment import again
-from ._loop import ReplayTimeLimit, process_loop, replace_process_loop
+from ._loop import Loop, ReplayTimeLimit, process_loop, replace_process_loop
 from ._metrics import replayed
 from ._policy import Keys, join_headers
 from ._progress import TaskCancelled
@@ -128,6 +128,7 @@ class Job:
         self.future: concurrent.futures.Future[bytes] | None = None
         self.beat: Beat | None = None
         self.beater: Beater | None = None
+        self.loop: Loop | None = None
         self._steps: dict[str, BaseException | None] = {}
 
     def begin(self) -> None:
@@ -194,7 +195,8 @@ class Job:
         # One wait: the beater stops a deleted task, the loop's own limit a long one; a replay
         # still running past both has blocked its loop.
         self.deadline = time.monotonic() + self.limit + HARD_LIMIT_GRACE / 2
-        self.future = process_loop().run(coro, self.progress, self.limit)
+        self.loop = process_loop()
+        self.future = self.loop.run(coro, self.progress, self.limit)
         self.beater = process_beater(
             self.store, rt.binding, rt.cancel_check_interval, rt.heartbeat_ms
         )
@@ -308,7 +310,8 @@ class Job:
                 "replacing worker process %d, blocked by task %s", os.getpid(), self.task_id
             )
             os._exit(1)  # the redelivery finds the outcome stored and does not run again
-        replace_process_loop()
+        if self.loop is not None:
+            replace_process_loop(self.loop)
 
 
 def _process_backend(task: Task) -> Any:

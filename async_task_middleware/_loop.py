@@ -163,12 +163,14 @@ def process_loop() -> Loop:
         return _current
 
 
-def replace_process_loop() -> None:
-    """Leave this process's loop to the work that blocks it; the next replay gets a new one
-    (and runs the apps' lifespan startup in it again)."""
+def replace_process_loop(blocked: Loop) -> None:
+    """Leave the ``blocked`` loop to the work that blocks it; the next replay gets a new one
+    (and runs the apps' lifespan startup in it again). Other replays failed with it find it
+    replaced already."""
     global _current
     with _current_lock:
-        _current = None
+        if _current is blocked:
+            _current = None
 
 
 def _shutdown_lifespans(**_: Any) -> None:

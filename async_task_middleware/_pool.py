@@ -33,7 +33,7 @@ from ._job import Job, Runtime
 
 #: Threads for the replays' steps before and after they run: each step is short (a Redis
 #: round trip or two), so a few serve thousands of replays; more would only contend.
-STEP_THREADS = int(os.environ.get("ATM_STEP_THREADS", 4))
+STEP_THREADS = 4
 
 
 class ReplayPool(ThreadsPool):  # type: ignore[misc]
