@@ -73,8 +73,12 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self._scripts: dict[int, tuple[Any, Any]] = {}
-        #: Deliveries the replay pool has begun, by task id, for their trace to finish.
-        self.begun: dict[str, Job] = {}
+        # The delivery the replay pool began, for the trace it runs next on this thread.
+        self._handed = threading.local()
+
+    def hand(self, job: Job | None) -> None:
+        """``job`` for the task body that runs next on this thread (None: none)."""
+        self._handed.job = job
 
     def scripts(self, store: Any) -> tuple[Any, Any]:
         if id(store) not in self._scripts:
@@ -86,7 +90,9 @@ class Runtime:
 
     def run(self, task: Task, envelope: Any) -> dict[str, Any]:
         """The task's body: a delivery begun by the replay pool is taken up where it is."""
-        job = self.begun.pop(task.request.id, None) or Job(self, task, task.request.id, envelope)
+        job: Job | None = getattr(self._handed, "job", None)
+        if job is None or job.task_id != task.request.id:
+            job = Job(self, task, task.request.id, envelope)
         job.begin()
         try:
             job.start()

@@ -89,12 +89,11 @@ class ReplayPool(ThreadsPool):  # type: ignore[misc]
 
         def trace(*_: Any) -> None:
             if once.acquire(blocking=False):
-                self._steps.submit(self._trace, target, args, kwargs, callback)
+                self._steps.submit(self._trace, runtime, job, target, args, kwargs, callback)
 
         if job is None:
             trace()
             return
-        runtime.begun[task_id] = job
         try:
             job.begin()
             job.start()
@@ -108,14 +107,18 @@ class ReplayPool(ThreadsPool):  # type: ignore[misc]
 
     def _trace(
         self,
+        runtime: Runtime,
+        job: Job | None,
         target: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any] | None,
         callback: Callable[..., Any] | None,
     ) -> None:
+        runtime.hand(job)  # Celery's trace runs the task's body on this thread, next
         try:
             apply_target(target, args, kwargs, callback)
         finally:
+            runtime.hand(None)
             with self._idle:
                 self._pending -= 1
                 self._idle.notify_all()

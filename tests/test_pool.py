@@ -212,3 +212,35 @@ async def test_on_rabbitmq(own_redis: RedisServer, tmp_path: Path) -> None:
         worker.stop()
         with celery_app.connection_for_write() as connection:
             connection.default_channel.queue_delete(queue)
+
+
+async def test_a_message_delivered_twice_at_once(own_redis: RedisServer, tmp_path: Path) -> None:
+    """The same message twice in the queue (a duplicate, as a restore after a lost lease
+    makes): the pool takes both at once, each delivery runs once (at least once, as
+    documented) and is acknowledged, the outcome is stored, and the pool serves on."""
+    celery_app = Celery("pool", broker=own_redis.url, backend=own_redis.url)
+    app = build_probe(celery_app)
+    admin = redis.Redis.from_url(own_redis.url)
+    key = f"twice-{uuid.uuid4()}"
+    async with LifespanManager(app), make_client(app) as c:
+        location = await submit(c, f"/mark?seconds=1&key={key}")
+        task_id = location.rsplit("/", 1)[1]
+        queue, message = admin.hmget(f"async-task-middleware-message-{task_id}", "queue", "message")
+        assert queue is not None
+        assert message is not None
+        admin.lpush(queue, message)
+        worker = replay_worker(own_redis, tmp_path / "w.log").start()
+        try:
+            assert (await final(c, location)).json() == {"marked": key}
+            after = [await submit(c, "/echo", content=b"after") for _ in range(20)]
+            for other in after:
+                assert (await final(c, other, timeout=10)).status_code == 200
+            with anyio.fail_after(5):
+                while admin.zcard("unacked_index") or admin.llen(queue):
+                    await anyio.sleep(0.05)
+        finally:
+            worker.stop()
+    assert runs(own_redis, key) == 2
+    log = (tmp_path / "w.log").read_text()
+    assert log.count(f"task {task_id} finished: POST /mark 200") == 2
+    assert "Traceback" not in log
