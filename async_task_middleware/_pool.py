@@ -76,7 +76,6 @@ class ReplayPool(ThreadsPool):  # type: ignore[misc]
     ) -> None:
         if accept_callback:
             accept_callback(os.getpid(), time.monotonic())
-        once = threading.Lock()
         task_id, body, content_type, content_encoding = args[1], args[3], args[4], args[5]
         try:
             decoded = loads(body, content_type, content_encoding, accept=self._accept)  # type: ignore[no-untyped-call]
@@ -87,9 +86,16 @@ class ReplayPool(ThreadsPool):  # type: ignore[misc]
         except Exception:
             job = None  # the trace meets the same error and fails the task as Celery does
 
+        # Taken once by whichever comes first (the replay done, its deadline, a failed step);
+        # and the job's future, whose callback this is, holds no reference back to the job.
+        handed = [job]
+
         def trace(*_: Any) -> None:
-            if once.acquire(blocking=False):
-                self._steps.submit(self._trace, runtime, job, target, args, kwargs, callback)
+            try:
+                taken = handed.pop()
+            except IndexError:
+                return
+            self._steps.submit(self._trace, runtime, taken, target, args, kwargs, callback)
 
         if job is None:
             trace()
