@@ -707,7 +707,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--io", type=int, nargs="*", default=[1000, 5000])
-    parser.add_argument("--io-pools", nargs="*", choices=["replay", "threads"], default=["replay"])
+    parser.add_argument(
+        "--io-pools", nargs="*", choices=["replay", "threads"], default=["replay", "threads"]
+    )
     parser.add_argument("--drain", type=int, default=5000)
     parser.add_argument("--large-mib", type=int, default=10)
     parser.add_argument("--rss-requests", type=int, default=100_000)
