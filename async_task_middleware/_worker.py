@@ -65,8 +65,9 @@ def register_replay(
     of looping. ``time_limit`` (default: Celery's ``task_time_limit``, else 25 minutes) cancels
     a replay in its own event loop and fails it, on every pool; a replay that blocks the loop
     past the limit plus a grace fails too, and its process is replaced (prefork) or its loop
-    is (threads). With a Redis broker, ``leases`` (on by default, ``_lease``) keep a running
-    task's message from being handed to a second worker, whatever ``visibility_timeout`` is.
+    is (threads, ``ReplayPool``). With a Redis broker, ``leases`` (on by default, ``_lease``)
+    keep a running task's message from being handed to a second worker, whatever
+    ``visibility_timeout`` is. For I/O-bound endpoints, run the worker on ``ReplayPool``.
     """
     if not apps:
         raise ConfigurationError("register_replay(apps=...) is empty: name at least one app")
