@@ -130,7 +130,6 @@ class Job:
         self.queued = -1.0
         self.attempt = 0
         self.began = 0.0
-        self.deadline = 0.0
         self.future: concurrent.futures.Future[bytes] | None = None
         self.beat: Beat | None = None
         self.beater: Beater | None = None
@@ -200,13 +199,13 @@ class Job:
         coro = replay(app, self.envelope, headers, rt.max_response_size, rt.lifespan_timeout)
         # One wait: the beater stops a deleted task, the loop's own limit a long one; a replay
         # still running past both has blocked its loop.
-        self.deadline = time.monotonic() + self.limit + HARD_LIMIT_GRACE / 2
+        deadline = time.monotonic() + self.limit + HARD_LIMIT_GRACE / 2
         self.loop = process_loop()
         self.future = self.loop.run(coro, self.progress, self.limit)
         self.beater = process_beater(
             self.store, rt.binding, rt.cancel_check_interval, rt.heartbeat_ms
         )
-        self.beat = self.beater.add(task_id, self.future, self.deadline)
+        self.beat = self.beater.add(task_id, self.future, deadline)
 
     def progress(self, data: dict[str, Any]) -> None:
         """The endpoint's ``report_progress`` (from its loop, or its thread for a ``def``)."""
@@ -225,7 +224,7 @@ class Job:
         assert self.beater is not None
         future = self.future
         try:
-            return future.result(timeout=max(0.0, self.deadline - time.monotonic()))
+            return future.result(timeout=max(0.0, self.beat.deadline - time.monotonic()))
         except concurrent.futures.CancelledError:
             if self.beat.cancelled:
                 self.drop()

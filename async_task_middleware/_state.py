@@ -66,13 +66,14 @@ class TaskState:
         return None if self.raw_meta is None else self.decode(self.raw_meta)
 
     @property
+    def _meta_failed(self) -> bool:
+        """Celery's meta says the task failed (stored before, or instead of, an outcome)."""
+        return self.meta is not None and self.meta.get("status") in _FAILED_STATES
+
+    @property
     def final(self) -> bool:
         """Unknown (gone), or ended: nothing more to wait for."""
-        return (
-            self.record is None
-            or self.outcome is not None
-            or (self.meta is not None and self.meta.get("status") in _FAILED_STATES)
-        )
+        return self.record is None or self.outcome is not None or self._meta_failed
 
     def summary(self, task_id: str) -> dict[str, Any]:
         """The 202 body (and the event stream's status data): task id, status, progress."""
@@ -86,8 +87,4 @@ class TaskState:
 
     @property
     def failed(self) -> bool:
-        return self.outcome == FAILED or (
-            self.outcome is None
-            and self.meta is not None
-            and self.meta.get("status") in _FAILED_STATES
-        )
+        return self.outcome == FAILED or (self.outcome is None and self._meta_failed)

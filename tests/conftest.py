@@ -16,6 +16,7 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
+import redis
 from asgi_lifespan import LifespanManager, LifespanNotSupported
 
 from tests._servers import RedisServer, Worker, free_port
@@ -56,6 +57,18 @@ def worker(redis_server: RedisServer, logdir: Path) -> Iterator[Worker]:
     proc = Worker("tests.worker", {"REDIS_URL": redis_server.url}, logdir / "worker.log").start()
     yield proc
     proc.stop()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of the test's own: no other test's worker takes anything from it."""
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+def runs(server: RedisServer, key: str) -> int:
+    """How many times the probe's ``/mark`` (or ``/die``) ran under ``key``."""
+    return int(redis.Redis.from_url(server.url).get(key) or 0)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from celery.result import AsyncResult
 
 from tests._servers import RedisServer, Worker
 from tests.apps import build_probe
-from tests.conftest import final, make_client, submit
+from tests.conftest import final, make_client, runs, submit
 from tests.faults import RABBITMQ_URL, rabbitmq_up
 
 pytestmark = pytest.mark.anyio
@@ -50,10 +50,6 @@ async def client(module_redis: RedisServer, worker: Worker) -> AsyncIterator[htt
     celery_app = Celery("pool", broker=module_redis.url, backend=module_redis.url)
     async with LifespanManager(app := build_probe(celery_app)), make_client(app) as c:
         yield c
-
-
-def runs(server: RedisServer, key: str) -> int:
-    return int(redis.Redis.from_url(server.url).get(key) or 0)
 
 
 async def test_the_outcomes_are_those_of_any_pool(
@@ -110,20 +106,13 @@ async def test_the_time_limit_holds(client: httpx.AsyncClient) -> None:
     assert time.monotonic() - started < 5
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """For a test's own worker: the module's worker takes nothing from it."""
-    with RedisServer(tmp_path / "redis") as server:
-        yield server
-
-
 async def test_a_blocked_loop_is_failed_and_replaced(
-    own_redis: RedisServer, tmp_path: Path
+    private_redis: RedisServer, tmp_path: Path
 ) -> None:
     """A replay that blocks its loop has no thread waiting on it: the beater notices it past
     its deadline, the trace fails it, and the replays after it run on a new loop."""
-    worker = replay_worker(own_redis, tmp_path / "w.log").start()
-    celery_app = Celery("pool", broker=own_redis.url, backend=own_redis.url)
+    worker = replay_worker(private_redis, tmp_path / "w.log").start()
+    celery_app = Celery("pool", broker=private_redis.url, backend=private_redis.url)
     app = build_probe(celery_app)
     try:
         async with LifespanManager(app), make_client(app) as c:
@@ -140,15 +129,15 @@ async def test_a_blocked_loop_is_failed_and_replaced(
 
 
 async def test_a_warm_shutdown_lets_running_replays_finish(
-    own_redis: RedisServer, tmp_path: Path
+    private_redis: RedisServer, tmp_path: Path
 ) -> None:
     """SIGTERM with 50 replays running: the worker stops taking messages, each running one ends
     and is stored, each runs once, and nothing is left unacknowledged."""
-    worker = replay_worker(own_redis, tmp_path / "w.log").start()
-    celery_app = Celery("pool", broker=own_redis.url, backend=own_redis.url)
+    worker = replay_worker(private_redis, tmp_path / "w.log").start()
+    celery_app = Celery("pool", broker=private_redis.url, backend=private_redis.url)
     app = build_probe(celery_app)
     keys = [f"warm-{uuid.uuid4()}" for _ in range(50)]
-    admin = redis.Redis.from_url(own_redis.url)
+    admin = redis.Redis.from_url(private_redis.url)
     try:
         async with LifespanManager(app), make_client(app) as c:
             locations = [await submit(c, f"/mark?seconds=2&key={key}") for key in keys]
@@ -165,7 +154,7 @@ async def test_a_warm_shutdown_lets_running_replays_finish(
                 assert response.json()["marked"] in keys
     finally:
         worker.stop()
-    assert [runs(own_redis, key) for key in keys] == [1] * 50
+    assert [runs(private_redis, key) for key in keys] == [1] * 50
     assert admin.zcard("unacked_index") == 0
 
 
@@ -187,13 +176,13 @@ async def test_other_tasks_run_as_on_the_threads_pool(
 
 
 @pytest.mark.skipif(not rabbitmq_up(), reason="no RabbitMQ on 127.0.0.1:5672")
-async def test_on_rabbitmq(own_redis: RedisServer, tmp_path: Path) -> None:
+async def test_on_rabbitmq(private_redis: RedisServer, tmp_path: Path) -> None:
     """With RabbitMQ as the broker (a queue of this test's own on the shared server): results,
     a failure, and every message acknowledged (none back in the queue when the worker goes)."""
     queue = f"pool-{uuid.uuid4().hex}"
-    env = {"REDIS_URL": own_redis.url, "BROKER_URL": RABBITMQ_URL, "ATM_TEST_TIME_LIMIT": "3"}
+    env = {"REDIS_URL": private_redis.url, "BROKER_URL": RABBITMQ_URL, "ATM_TEST_TIME_LIMIT": "3"}
     worker = Worker("tests.worker", env, tmp_path / "w.log", 50, "replay", queues=queue).start()
-    celery_app = Celery("pool", broker=RABBITMQ_URL, backend=own_redis.url)
+    celery_app = Celery("pool", broker=RABBITMQ_URL, backend=private_redis.url)
     celery_app.conf.update(
         task_default_queue=queue, broker_transport_options={"confirm_publish": True}
     )
@@ -214,13 +203,15 @@ async def test_on_rabbitmq(own_redis: RedisServer, tmp_path: Path) -> None:
             connection.default_channel.queue_delete(queue)
 
 
-async def test_a_message_delivered_twice_at_once(own_redis: RedisServer, tmp_path: Path) -> None:
+async def test_a_message_delivered_twice_at_once(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
     """The same message twice in the queue (a duplicate, as a restore after a lost lease
     makes): the pool takes both at once, each delivery runs once (at least once, as
     documented) and is acknowledged, the outcome is stored, and the pool serves on."""
-    celery_app = Celery("pool", broker=own_redis.url, backend=own_redis.url)
+    celery_app = Celery("pool", broker=private_redis.url, backend=private_redis.url)
     app = build_probe(celery_app)
-    admin = redis.Redis.from_url(own_redis.url)
+    admin = redis.Redis.from_url(private_redis.url)
     key = f"twice-{uuid.uuid4()}"
     async with LifespanManager(app), make_client(app) as c:
         location = await submit(c, f"/mark?seconds=1&key={key}")
@@ -229,7 +220,7 @@ async def test_a_message_delivered_twice_at_once(own_redis: RedisServer, tmp_pat
         assert queue is not None
         assert message is not None
         admin.lpush(queue, message)
-        worker = replay_worker(own_redis, tmp_path / "w.log").start()
+        worker = replay_worker(private_redis, tmp_path / "w.log").start()
         try:
             assert (await final(c, location)).json() == {"marked": key}
             after = [await submit(c, "/echo", content=b"after") for _ in range(20)]
@@ -240,7 +231,7 @@ async def test_a_message_delivered_twice_at_once(own_redis: RedisServer, tmp_pat
                     await anyio.sleep(0.05)
         finally:
             worker.stop()
-    assert runs(own_redis, key) == 2
+    assert runs(private_redis, key) == 2
     log = (tmp_path / "w.log").read_text()
     assert log.count(f"task {task_id} finished: POST /mark 200") == 2
     assert "Traceback" not in log

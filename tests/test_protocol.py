@@ -276,12 +276,6 @@ async def test_fifty_concurrent_duplicates_make_one_task(probe: httpx.AsyncClien
 
 
 @pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path / "redis") as server:
-        yield server
-
-
-@pytest.fixture
 def own_worker(private_redis: RedisServer, tmp_path: Path) -> Iterator[Worker]:
     env = {"REDIS_URL": private_redis.url, "BROKER_URL": ""}
     worker = Worker("tests.worker", env, tmp_path / "w.log").start()

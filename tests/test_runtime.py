@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -17,17 +17,11 @@ from celery import Celery
 
 from tests._servers import RedisServer, Worker
 from tests.apps import build_probe
-from tests.conftest import final, make_client, submit
+from tests.conftest import final, make_client, runs, submit
 
 pytestmark = pytest.mark.anyio
 
 VISIBILITY = 4  # seconds: a replay of 20 s runs five times as long
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path / "redis") as server:
-        yield server
 
 
 def worker_on(server: RedisServer, log: Path, pool: str = "prefork", **env: str) -> Worker:
@@ -42,10 +36,6 @@ async def client(private_redis: RedisServer) -> AsyncIterator[httpx.AsyncClient]
     app = build_probe(celery_app)
     async with LifespanManager(app), make_client(app) as c:
         yield c
-
-
-def runs(server: RedisServer, key: str) -> int:
-    return int(redis.Redis.from_url(server.url).get(key) or 0)
 
 
 async def wait_status(

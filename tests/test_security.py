@@ -170,12 +170,6 @@ async def test_an_anonymous_task_is_a_bearer_capability(client: httpx.AsyncClien
 # -- bounded intake -----------------------------------------------------------------------
 
 
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path / "redis") as server:
-        yield server
-
-
 def idle_app(url: str, **options: Any) -> Any:
     """The probe app on a Redis that no worker consumes: every accepted task stays queued."""
     celery_app = Celery("idle", broker=url, backend=url)
