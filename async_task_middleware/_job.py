@@ -34,7 +34,7 @@ from ._deployment import again
 from ._loop import Loop, ReplayTimeLimit, process_loop, replace_process_loop
 from ._metrics import replayed
 from ._policy import Keys, join_headers
-from ._progress import TaskCancelled
+from ._progress import TaskCancelled, on_event_loop, process_writer
 from ._replay import replay
 from ._wire import check, split_response, unpack_response
 
@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 #: What the replay task returns, and Celery's meta says: the response itself is in the store.
 STORED = {"v": 1, "stored": True}
+#: Seconds a finished replay waits for its progress reports to be stored (past the backend's
+#: socket timeout, which ends a write that hangs).
+PROGRESS_FLUSH = 10.0
 _backends: dict[tuple[int, int], Any] = {}
 _backends_lock = threading.Lock()
 
@@ -135,6 +138,7 @@ class Job:
         self.beater: Beater | None = None
         self.loop: Loop | None = None
         self._steps: dict[str, BaseException | None] = {}
+        self.reported = False  # progress handed to the process's writer
 
     def begin(self) -> None:
         """Count this delivery; a deleted or finished task, or one whose worker died
@@ -208,14 +212,24 @@ class Job:
         self.beat = self.beater.add(task_id, self.future, deadline)
 
     def progress(self, data: dict[str, Any]) -> None:
-        """The endpoint's ``report_progress`` (from its loop, or its thread for a ``def``)."""
+        """The endpoint's ``report_progress``: from a ``def`` endpoint's thread it writes at
+        once; from the event loop, which other replays share, the process's writer does."""
         if self.beat is not None and self.beat.cancelled:
             raise TaskCancelled(f"task {self.task_id} was deleted")
-        self.task.update_state(task_id=self.task_id, state="STARTED", meta={"progress": data})
+        if on_event_loop():
+            self.reported = True
+            process_writer().put(self.task_id, lambda: self._write_progress(data))
+        elif not self._write_progress(data):
+            raise TaskCancelled(f"task {self.task_id} was deleted")
+
+    def _write_progress(self, data: dict[str, Any]) -> bool:
+        """Store ``data`` as the task's progress; False if the task was deleted meanwhile."""
+        self.backend.store_result(self.task_id, {"progress": data}, "STARTED")
         if self.beat is not None and self.beat.cancelled:
             self.store.delete(self.runtime.binding.meta_key(self.task_id))  # raced the delete
-            raise TaskCancelled(f"task {self.task_id} was deleted")
+            return False
         self.store.publish(self.channel, b"progress")
+        return True
 
     def wait(self) -> bytes:
         """The replay's packed response, once it is done."""
@@ -241,6 +255,9 @@ class Job:
             raise
         finally:
             self.beater.remove(self.task_id)
+            # Every report before the outcome, which a late one would overwrite.
+            if self.reported and not process_writer().flush(self.task_id, PROGRESS_FLUSH):
+                logger.warning("task %s: its last progress report is not stored", self.task_id)
 
     def finish(self, packed: bytes) -> dict[str, Any]:
         # A record deleted while the replay ran keeps nothing.

@@ -109,9 +109,20 @@ async def background(request: Request) -> JSONResponse:
 
 
 async def progress(request: Request) -> JSONResponse:
+    await asyncio.sleep(float(request.query_params.get("delay", "0")))
     report_progress(step=1, of=2)
     await asyncio.sleep(float(request.query_params.get("seconds", "2")))
     return JSONResponse({"done": True})
+
+
+async def lag(request: Request) -> JSONResponse:
+    """The longest its event loop was held up, in ``seconds`` of 10 ms sleeps."""
+    loop = asyncio.get_running_loop()
+    end, longest = loop.time() + float(request.query_params.get("seconds", "1")), 0.0
+    while (now := loop.time()) < end:
+        await asyncio.sleep(0.01)
+        longest = max(longest, loop.time() - now - 0.01)
+    return JSONResponse({"lag": longest})
 
 
 def steps(request: Request) -> JSONResponse:
@@ -171,6 +182,7 @@ PROBE_ROUTES = [
     "POST /die",
     "POST /notfound",
     "POST /block",
+    "POST /lag",
 ]
 
 
@@ -196,6 +208,7 @@ def build_probe(
             Route("/die", die, methods=["POST"]),
             Route("/notfound", not_found, methods=["POST"]),
             Route("/block", block, methods=["POST"]),
+            Route("/lag", lag, methods=["POST"]),
             Route("/health", health),
             WebSocketRoute("/ws", ws),
         ],

@@ -99,6 +99,29 @@ async def test_a_delete_stops_the_running_replay(
     assert redis.Redis.from_url(module_redis.url).zcard("unacked_index") == 0
 
 
+async def test_progress_of_an_async_endpoint_never_holds_up_the_loop(
+    client: httpx.AsyncClient, module_redis: RedisServer
+) -> None:
+    """A replay reports progress while Redis holds every write for 2 s; another replay on the
+    same loop is not held up, and the report is stored all the same, before the outcome."""
+    measuring = await submit(client, "/lag?seconds=2")
+    reporting = await submit(client, "/progress?delay=0.5&seconds=0.2")
+    with anyio.fail_after(10):
+        for location in (measuring, reporting):
+            while (await client.get(location)).json().get("status") != "running":
+                await anyio.sleep(0.02)
+    admin = redis.Redis.from_url(module_redis.url)
+    admin.execute_command("CLIENT", "PAUSE", 2000, "WRITE")
+    try:
+        lag = (await final(client, measuring)).json()["lag"]
+        assert (await final(client, reporting)).json() == {"done": True}
+    finally:
+        admin.execute_command("CLIENT", "UNPAUSE")
+    assert lag < 0.5, f"the loop was held up {lag:.2f} s"
+    celery_app = Celery("pool", broker=module_redis.url, backend=module_redis.url)
+    assert AsyncResult(reporting.rsplit("/", 1)[1], app=celery_app).state == "SUCCESS"
+
+
 async def test_the_time_limit_holds(client: httpx.AsyncClient) -> None:
     """Past the 3 s limit an awaiting replay is cancelled in its loop: a 500 at once."""
     started = time.monotonic()
