@@ -1,8 +1,16 @@
-"""The hand-written baseline's Celery app and its plain task: ``celery -A
+"""The hand-written baseline's Celery app and its plain tasks: ``celery -A
 benchmarks.baseline_worker worker`` consumes the ``baseline`` queue."""
 
-import os
+from __future__ import annotations
 
+import asyncio
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import redis
 from celery import Celery
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -24,3 +32,90 @@ def count_words(text: str) -> int:
 def count_words_durable(text: str) -> int:
     """The same count with the replay's delivery settings: a fair measure of its overhead."""
     return len(text.split())
+
+
+@celery_app.task(
+    name="baseline.count_words_through_endpoint",
+    acks_late=True,
+    reject_on_worker_lost=True,
+)
+def count_words_through_endpoint(body: str, content_type: str) -> int:
+    """The same count through the example's own endpoint, called in-process on a loop of this
+    thread (FastAPI, its multipart parsing, CORS in front; no middleware): what any task that
+    runs the endpoint itself pays, with nothing of the library's own."""
+    status, answer = _loop().run_until_complete(_post(body.encode(), content_type))
+    assert status == 200, status
+    count: int = json.loads(answer)["count"]
+    return count
+
+
+@celery_app.task(
+    name="baseline.sleep", acks_late=True, reject_on_worker_lost=True, ignore_result=True
+)
+def sleep(seconds: float) -> None:
+    """Celery alone with I/O-bound work, on its threads pool: a wait, then the time it ended
+    pushed by one client the whole process shares (Celery's own result store would build a
+    backend and a connection pool in each of the pool's threads)."""
+    time.sleep(seconds)
+    _shared().rpush(SLEEPS_DONE, time.time())
+
+
+#: Where ``baseline.sleep`` records the time each one ended.
+SLEEPS_DONE = "baseline-sleeps-done"
+
+
+@functools.cache
+def _shared() -> redis.Redis:
+    # Threads wait their turn for one of its connections, as the replay's store does.
+    pool = redis.BlockingConnectionPool.from_url(REDIS_URL, max_connections=50, timeout=None)
+    return redis.Redis(connection_pool=pool)
+
+
+_endpoint: dict[str, Any] = {}
+
+
+def _loop() -> asyncio.AbstractEventLoop:
+    if "loop" not in _endpoint:
+        from fastapi import FastAPI
+        from fastapi.middleware.cors import CORSMiddleware
+
+        from examples.wordcount.fastapi_app import count_words as endpoint
+        from examples.wordcount.worker import CORS
+
+        app = FastAPI()
+        app.post("/words")(endpoint)
+        app.add_middleware(CORSMiddleware, **CORS)
+        _endpoint.update(loop=asyncio.new_event_loop(), app=app)
+    loop: asyncio.AbstractEventLoop = _endpoint["loop"]
+    return loop
+
+
+async def _post(body: bytes, content_type: str) -> tuple[int, bytes]:
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/words",
+        "raw_path": b"/words",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [
+            (b"host", b"baseline"),
+            (b"content-type", content_type.encode()),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "client": ("127.0.0.1", 1),
+        "server": ("baseline", 80),
+    }
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await _endpoint["app"](scope, receive, send)
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])

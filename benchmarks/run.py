@@ -34,6 +34,7 @@ import httpx
 import redis
 from celery import Celery
 
+from benchmarks.baseline_worker import SLEEPS_DONE
 from tests._servers import RedisServer, Uvicorn, Worker, wait_for
 
 # The web side and the workers share one secret (owner hashes, sealed credential headers).
@@ -324,13 +325,18 @@ class Suite:
             rss.append(self._wait_results(count, worker))
             worker.stop()
             rates.setdefault("replay", []).append(self._rate(count))
-            for label, task in (
-                ("plain task", "baseline.count_words"),
-                ("plain task, same delivery settings", "baseline.count_words_durable"),
+            for label, task, args in (
+                ("plain task", "baseline.count_words", [TEXT]),
+                ("plain task, same delivery settings", "baseline.count_words_durable", [TEXT]),
+                (
+                    "plain task through the endpoint",
+                    "baseline.count_words_through_endpoint",
+                    [MULTIPART, f"multipart/form-data; boundary={BOUNDARY}"],
+                ),
             ):
                 self.r.flushdb()
                 for _ in range(count):
-                    baseline_celery.send_task(task, args=[TEXT])
+                    baseline_celery.send_task(task, args=args)
                 worker = self.worker("benchmarks.baseline_worker")
                 self._wait_results(count, worker)
                 worker.stop()
@@ -481,6 +487,33 @@ class Suite:
         self.workers.remove(worker)
         return figures
 
+    def io_celery_alone(self, count: int) -> dict[str, float]:
+        """Celery alone for the I/O-bound figure: ``count`` plain tasks that sleep 2 s, on one
+        worker process with Celery's threads pool, sent with ``send_task`` from here; the
+        last one's end, as it recorded it, after the last was sent."""
+        self.r.flushdb()
+        worker = Worker(
+            "benchmarks.baseline_worker",
+            self.env,
+            self.tmp / f"io-celery-{count}.log",
+            concurrency=count,
+            pool="threads",
+        ).start()
+        self.workers.append(worker)
+        baseline_celery = self.baseline_celery()
+        started = time.time()
+        for _ in range(count):
+            baseline_celery.send_task("baseline.sleep", args=[2.0])
+        submitted = time.time()
+        deadline = time.monotonic() + 600
+        while self.r.llen(SLEEPS_DONE) < count and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ends = [float(end) for end in self.r.lrange(SLEEPS_DONE, 0, -1)]
+        assert len(ends) == count, f"{len(ends)} of the {count} plain tasks ended"
+        worker.stop()
+        self.workers.remove(worker)
+        return {"submitted": submitted - started, "last after submission": max(ends) - submitted}
+
     def large_result(self, size: int, clients: int) -> dict[str, float]:
         """Loop lag in the web process, and the latency of polls of a small result, while
         ``clients`` poll one finished result of ``size`` bytes (the probe app's echo)."""
@@ -625,6 +658,7 @@ def _drain(suite: Suite, args: argparse.Namespace) -> None:
     rates, (rss_first, rss_last) = suite.drain(args.drain)
     drain = {label: statistics.median(values) for label, values in rates.items()}
     durable = drain["plain task, same delivery settings"]
+    endpoint = drain["plain task through the endpoint"]
     each = zip(rates["replay"], rates["plain task, same delivery settings"], strict=True)
     ratios = ", ".join(f"{replay / plain:.2f}x" for replay, plain in each)
     print(
@@ -632,7 +666,9 @@ def _drain(suite: Suite, args: argparse.Namespace) -> None:
         f"replay {drain['replay']:.0f}/s; plain task {drain['plain task']:.0f}/s (ratio "
         f"{drain['replay'] / drain['plain task']:.2f}x); plain task with the replay's delivery "
         f"settings (acks_late, reject_on_worker_lost) {durable:.0f}/s (ratio "
-        f"{drain['replay'] / durable:.2f}x; each round's: {ratios})",
+        f"{drain['replay'] / durable:.2f}x; each round's: {ratios}); the same plain task "
+        f"calling the endpoint itself in-process {endpoint:.0f}/s (ratio "
+        f"{drain['replay'] / endpoint:.2f}x; it to the plain task: {endpoint / durable:.2f}x)",
         flush=True,
     )
     print(
@@ -667,6 +703,17 @@ def _io(suite: Suite, args: argparse.Namespace) -> None:
         )
 
 
+def _io_celery_alone(suite: Suite, args: argparse.Namespace) -> None:
+    for count in args.io:
+        alone = suite.io_celery_alone(count)
+        print(
+            f"Celery alone: {count:,} plain tasks of `time.sleep(2)` on one worker process "
+            f"(threads pool, -c {count}), sent with send_task in {alone['submitted']:.1f} s: "
+            f"the last one ended {alone['last after submission']:.1f} s after the last was sent",
+            flush=True,
+        )
+
+
 def _large(suite: Suite, args: argparse.Namespace) -> None:
     large = suite.large_result(args.large_mib * 1024 * 1024, 20)
     print(
@@ -696,6 +743,7 @@ SECTIONS: dict[str, Callable[[Suite, argparse.Namespace], None]] = {
     "drain": _drain,
     "trip": _trip,
     "io": _io,
+    "io-celery": _io_celery_alone,
     "large": _large,
     "rss": _rss,
 }
