@@ -42,8 +42,8 @@ logger = logging.getLogger(__name__)
 
 #: What the replay task returns, and Celery's meta says: the response itself is in the store.
 STORED = {"v": 1, "stored": True}
-#: Seconds a finished replay waits for its progress reports to be stored (past the backend's
-#: socket timeout, which ends a write that hangs).
+#: Seconds a finished replay waits for its progress reports to be stored: far longer than a
+#: write takes while Redis answers; past it, the outcome is stored all the same.
 PROGRESS_FLUSH = 10.0
 _backends: dict[tuple[int, int], Any] = {}
 _backends_lock = threading.Lock()

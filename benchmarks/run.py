@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import datetime
 import itertools
 import json
 import os
@@ -366,10 +367,8 @@ class Suite:
             meta = json.loads(self.r.get(key))  # type: ignore[arg-type]
             assert meta["status"] == "SUCCESS", meta
             dates.append(meta["date_done"])
-        parsed = sorted(
-            time.mktime(time.strptime(d[:19], "%Y-%m-%dT%H:%M:%S")) + float("0" + d[19:26])
-            for d in dates
-        )
+        # ISO 8601 with its offset; the fraction is left out when it is zero.
+        parsed = sorted(datetime.datetime.fromisoformat(d).timestamp() for d in dates)
         return (count - 1) / (parsed[-1] - parsed[0])
 
     def round_trip(self, count: int) -> dict[str, float]:
