@@ -75,6 +75,7 @@ _endpoint: dict[str, Any] = {}
 
 
 def _loop() -> asyncio.AbstractEventLoop:
+    """This process's loop, run in the task's own thread, and the endpoint's app beside it."""
     if "loop" not in _endpoint:
         from fastapi import FastAPI
         from fastapi.middleware.cors import CORSMiddleware
