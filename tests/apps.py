@@ -115,6 +115,15 @@ async def progress(request: Request) -> JSONResponse:
     return JSONResponse({"done": True})
 
 
+async def burst(request: Request) -> JSONResponse:
+    """``n`` progress reports in a row, none awaited, then a wait of ``seconds``."""
+    n = int(request.query_params["n"])
+    for step in range(1, n + 1):
+        report_progress(step=step, of=n)
+    await asyncio.sleep(float(request.query_params.get("seconds", "1")))
+    return JSONResponse({"reported": n})
+
+
 async def lag(request: Request) -> JSONResponse:
     """The longest its event loop was held up, in ``seconds`` of 10 ms sleeps."""
     loop = asyncio.get_running_loop()
@@ -183,6 +192,7 @@ PROBE_ROUTES = [
     "POST /notfound",
     "POST /block",
     "POST /lag",
+    "POST /burst",
 ]
 
 
@@ -209,6 +219,7 @@ def build_probe(
             Route("/notfound", not_found, methods=["POST"]),
             Route("/block", block, methods=["POST"]),
             Route("/lag", lag, methods=["POST"]),
+            Route("/burst", burst, methods=["POST"]),
             Route("/health", health),
             WebSocketRoute("/ws", ws),
         ],

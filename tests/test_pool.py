@@ -122,6 +122,25 @@ async def test_progress_of_an_async_endpoint_never_holds_up_the_loop(
     assert AsyncResult(reporting.rsplit("/", 1)[1], app=celery_app).state == "SUCCESS"
 
 
+async def test_a_burst_of_progress_ends_with_the_last_report(
+    client: httpx.AsyncClient, module_redis: RedisServer
+) -> None:
+    """500 reports in a row from an ``async def`` endpoint: what the status shows never goes
+    back, ends at the last one, and the outcome replaces it once the task is done."""
+    location = await submit(client, "/burst?n=500&seconds=1")
+    seen: list[int] = []
+    with anyio.fail_after(10):
+        while not seen or seen[-1] != 500:
+            body = (await client.get(location)).json()
+            if body.get("progress") is not None:
+                seen.append(body["progress"]["step"])
+            await anyio.sleep(0.01)
+    assert seen == sorted(seen), seen
+    assert (await final(client, location)).json() == {"reported": 500}
+    celery_app = Celery("pool", broker=module_redis.url, backend=module_redis.url)
+    assert AsyncResult(location.rsplit("/", 1)[1], app=celery_app).state == "SUCCESS"
+
+
 async def test_the_time_limit_holds(client: httpx.AsyncClient) -> None:
     """Past the 3 s limit an awaiting replay is cancelled in its loop: a 500 at once."""
     started = time.monotonic()
