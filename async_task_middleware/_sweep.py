@@ -1,12 +1,15 @@
-"""The sweep after a Redis restart or failover: no accepted task is left behind.
+"""The sweep after a Redis restart or failover, and where a worker starts: no accepted task is
+left behind.
 
 kombu's Redis transport takes a message off the queue (``BRPOP``) and only then, in a second
 command, records it as unacknowledged. A Redis killed between the two (a SIGKILL, a master lost
-to a Sentinel failover) keeps neither, and the task's record would say "queued" until it
-expires. So the submit script keeps a copy of each message it pushes until a worker begins the
-task (``<p>message-<id>``), and after every change of Redis (its ``run_id`` is not the one the
-last sweep stored) one worker's sweeper compares the copies with the queues and kombu's
-``unacked`` hash, and pushes again the messages it found in neither, of tasks no worker began.
+to a Sentinel failover) keeps neither, nor does a worker killed between them (an OOM kill, a
+lost node), and the task's record would say "queued" until it expires. So the submit script
+keeps a copy of each message it pushes until a worker begins the task (``<p>message-<id>``),
+and one worker's sweeper compares the copies with the queues and kombu's ``unacked`` hash, and
+pushes again the messages it found in neither, of tasks no worker began: after every change of
+Redis (its ``run_id`` is not the one the last sweep stored), and once where each worker starts
+(a worker killed whole is started again, by hand or by its supervisor).
 
 It looks twice, ``PASS_GAP`` apart, and pushes only what was missing both times: a message on
 its way from the queue to the unacknowledged hash (or given back by kombu's restore) between two
@@ -48,12 +51,14 @@ class Sweeper(threading.Thread):
         self._run_key = binding.record_prefix + b"redis-run"
         self._lock_key = binding.record_prefix + b"sweeping"
         self._stopped = threading.Event()
+        self._swept = False  # since this worker started
 
     def run(self) -> None:
-        # At once first: a worker started after a restart finds what the restart dropped.
+        # At once first: a worker started after a restart, or in place of one killed, finds
+        # what the restart or the kill dropped.
         while True:
             try:
-                self.sweep_if_changed()
+                self.sweep_if_due()
             except RedisError as exc:
                 # Redis is away (restarting, failing over): the next round sweeps.
                 logger.warning("sweep not done: %s", type(exc).__name__)
@@ -63,13 +68,14 @@ class Sweeper(threading.Thread):
     def stop(self) -> None:
         self._stopped.set()
 
-    def sweep_if_changed(self) -> int | None:
-        """Sweep if Redis changed since the last sweep; the number of tasks pushed again."""
+    def sweep_if_due(self) -> int | None:
+        """Sweep if this worker has not since it started, or if Redis changed since the last
+        sweep; the number of tasks pushed again (None: no sweep)."""
         run_id = str(self._client.info("server")["run_id"]).encode()
-        if self._client.get(self._run_key) == run_id:
+        if self._swept and self._client.get(self._run_key) == run_id:
             return None
         if not self._client.set(self._lock_key, run_id, nx=True, ex=120):
-            return None  # another worker sweeps
+            return None  # another worker sweeps; this one's turn comes after
         try:
             lost = self.missing()
             if lost and not self._stopped.wait(PASS_GAP):
@@ -87,10 +93,15 @@ class Sweeper(threading.Thread):
                 for task_id in sorted(lost)
             )
             self._client.set(self._run_key, run_id)
+            self._swept = True
         finally:
             self._client.delete(self._lock_key)
         if pushed:
-            logger.warning("%d tasks lost by the broker in a Redis restart pushed again", pushed)
+            logger.warning(
+                "%d tasks lost by the broker (a Redis restart, or a worker killed as it took "
+                "them) pushed again",
+                pushed,
+            )
         return int(pushed)
 
     def missing(self) -> set[str]:

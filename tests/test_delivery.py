@@ -226,6 +226,41 @@ async def test_a_message_redis_dropped_in_kombus_gap_is_pushed_again(logdir: Pat
         assert "1 tasks lost by the broker" in (logdir / "gap.log").read_text()
 
 
+async def test_a_message_a_killed_worker_took_is_pushed_again(logdir: Path) -> None:
+    """kombu BRPOPs a message, then its worker is killed before kombu records it as
+    unacknowledged: Redis keeps it nowhere, and Redis did not restart. Here the pop is made by
+    hand, after a sweep of this Redis; the worker started in place of the killed one finds the
+    task missing (twice), pushes its kept copy again and runs it; the other tasks run once."""
+    from async_task_middleware._celery import Binding
+
+    with RedisServer(logdir / "killed-redis") as server:
+        celery = Celery("killed", broker=server.url, backend=server.url)
+        app = build_probe(celery)
+        keys = [f"killed-{uuid.uuid4()}" for _ in range(5)]
+        async with LifespanManager(app), make_client(app) as client:
+            locations = [await submit(client, f"/mark?key={key}") for key in keys]
+        store = redis.Redis.from_url(server.url)
+        # As an earlier worker's sweep left it: this Redis has not changed since.
+        run_id = store.info("server")["run_id"]
+        store.set(Binding.of(celery).record_prefix + b"redis-run", run_id)
+        popped = store.rpop("celery")  # taken by the worker that was killed
+        assert popped is not None
+        assert keys[0] in popped.decode()
+        store.close()
+        worker = Worker(
+            "tests.worker", {"REDIS_URL": server.url, "BROKER_URL": ""}, logdir / "killed.log"
+        ).start()
+        try:
+            async with LifespanManager(app), make_client(app) as client:
+                for location in locations:
+                    assert (await final(client, location, timeout=60)).status_code == 200
+        finally:
+            worker.stop()
+        for key in keys:
+            assert runs(server.url, key) == 1
+        assert "1 tasks lost by the broker" in (logdir / "killed.log").read_text()
+
+
 async def test_the_sweep_leaves_queued_and_unacked_messages_alone(logdir: Path) -> None:
     """The sweep pushes nothing again when every message is where kombu keeps it: waiting in
     the queue, or unacknowledged."""
@@ -244,8 +279,8 @@ async def test_the_sweep_leaves_queued_and_unacked_messages_alone(logdir: Path) 
         store.hset("unacked", "tag", f'[{message.decode()}, "", "celery"]')
         sweeper = Sweeper(celery, Binding.of(celery))
         assert sweeper.missing() == set()
-        assert sweeper.sweep_if_changed() == 0
-        assert sweeper.sweep_if_changed() is None  # the same Redis: no sweep again
+        assert sweeper.sweep_if_due() == 0
+        assert sweeper.sweep_if_due() is None  # the same Redis: no sweep again
         assert store.llen("celery") == 2
         # The message gone from the hash too (dropped): it is missing now.
         store.delete("unacked")
