@@ -78,7 +78,9 @@ class Sweeper(threading.Thread):
             return None  # another worker sweeps; this one's turn comes after
         try:
             lost = self.missing()
-            if lost and not self._stopped.wait(PASS_GAP):
+            if lost:
+                if self._stopped.wait(PASS_GAP):
+                    return None  # stopping: one look is not enough; the next sweep looks again
                 lost &= self.missing()
             b = self._binding
             pushed = sum(

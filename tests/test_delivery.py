@@ -285,4 +285,9 @@ async def test_the_sweep_leaves_queued_and_unacked_messages_alone(logdir: Path) 
         # The message gone from the hash too (dropped): it is missing now.
         store.delete("unacked")
         assert len(sweeper.missing()) == 1
+        # A worker stopping between the two looks pushes nothing on one look alone.
+        stopping = Sweeper(celery, Binding.of(celery))
+        stopping.stop()
+        assert stopping.sweep_if_due() is None
+        assert store.llen("celery") == 2
         store.close()
