@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -198,32 +198,12 @@ async def test_a_message_redis_dropped_in_kombus_gap_is_pushed_again(logdir: Pat
     message is in neither place. Here the pop is made by hand, Redis is SIGKILLed and
     restarted from its append-only file, and a worker started afterwards finds the task
     missing (twice), pushes its kept copy again and runs it; the other tasks run once."""
-    with RedisServer(logdir / "gap-redis", persistent=True) as server:
-        celery = Celery("gap", broker=server.url, backend=server.url)
-        app = build_probe(celery)
-        keys = [f"gap-{uuid.uuid4()}" for _ in range(5)]
-        async with LifespanManager(app), make_client(app) as client:
-            locations = [await submit(client, f"/mark?key={key}") for key in keys]
-        store = redis.Redis.from_url(server.url)
-        popped = store.rpop("celery")  # the oldest: the first submission's message
-        assert popped is not None
-        assert keys[0] in popped.decode()  # in the query string the message carries
-        assert store.llen("celery") == 4
-        store.close()
+
+    def restart(server: RedisServer, celery: Celery) -> None:
         server.kill()
         server.start()
-        worker = Worker(
-            "tests.worker", {"REDIS_URL": server.url, "BROKER_URL": ""}, logdir / "gap.log"
-        ).start()
-        try:
-            async with LifespanManager(app), make_client(app) as client:
-                for location in locations:
-                    assert (await final(client, location, timeout=60)).status_code == 200
-        finally:
-            worker.stop()
-        for key in keys:
-            assert runs(server.url, key) == 1
-        assert "1 tasks lost by the broker" in (logdir / "gap.log").read_text()
+
+    await _popped_then_found(logdir, "gap", restart, persistent=True)
 
 
 async def test_a_message_a_killed_worker_took_is_pushed_again(logdir: Path) -> None:
@@ -233,23 +213,37 @@ async def test_a_message_a_killed_worker_took_is_pushed_again(logdir: Path) -> N
     task missing (twice), pushes its kept copy again and runs it; the other tasks run once."""
     from async_task_middleware._celery import Binding
 
-    with RedisServer(logdir / "killed-redis") as server:
-        celery = Celery("killed", broker=server.url, backend=server.url)
+    def swept_before(server: RedisServer, celery: Celery) -> None:
+        # As an earlier worker's sweep left it: this Redis has not changed since.
+        with redis.Redis.from_url(server.url) as store:
+            run_id = store.info("server")["run_id"]
+            store.set(Binding.of(celery).record_prefix + b"redis-run", run_id)
+
+    await _popped_then_found(logdir, "killed", swept_before)
+
+
+async def _popped_then_found(
+    logdir: Path,
+    name: str,
+    then: Callable[[RedisServer, Celery], None],
+    persistent: bool = False,
+) -> None:
+    """Five submissions; the first one's message popped by hand (kombu's BRPOP), ``then``
+    done; a worker started afterwards runs every task once and says it pushed one again."""
+    with RedisServer(logdir / f"{name}-redis", persistent=persistent) as server:
+        celery = Celery(name, broker=server.url, backend=server.url)
         app = build_probe(celery)
-        keys = [f"killed-{uuid.uuid4()}" for _ in range(5)]
+        keys = [f"{name}-{uuid.uuid4()}" for _ in range(5)]
         async with LifespanManager(app), make_client(app) as client:
             locations = [await submit(client, f"/mark?key={key}") for key in keys]
-        store = redis.Redis.from_url(server.url)
-        # As an earlier worker's sweep left it: this Redis has not changed since.
-        run_id = store.info("server")["run_id"]
-        store.set(Binding.of(celery).record_prefix + b"redis-run", run_id)
-        popped = store.rpop("celery")  # taken by the worker that was killed
-        assert popped is not None
-        assert keys[0] in popped.decode()
-        store.close()
-        worker = Worker(
-            "tests.worker", {"REDIS_URL": server.url, "BROKER_URL": ""}, logdir / "killed.log"
-        ).start()
+        with redis.Redis.from_url(server.url) as store:
+            popped = store.rpop("celery")  # the oldest: the first submission's message
+            assert popped is not None
+            assert keys[0] in popped.decode()  # in the query string the message carries
+            assert store.llen("celery") == 4
+        then(server, celery)
+        log = logdir / f"{name}.log"
+        worker = Worker("tests.worker", {"REDIS_URL": server.url, "BROKER_URL": ""}, log).start()
         try:
             async with LifespanManager(app), make_client(app) as client:
                 for location in locations:
@@ -258,7 +252,7 @@ async def test_a_message_a_killed_worker_took_is_pushed_again(logdir: Path) -> N
             worker.stop()
         for key in keys:
             assert runs(server.url, key) == 1
-        assert "1 tasks lost by the broker" in (logdir / "killed.log").read_text()
+        assert "1 tasks lost by the broker" in log.read_text()
 
 
 async def test_the_sweep_leaves_queued_and_unacked_messages_alone(logdir: Path) -> None:
