@@ -8,8 +8,11 @@ lost node), and the task's record would say "queued" until it expires. So the su
 keeps a copy of each message it pushes until a worker begins the task (``<p>message-<id>``),
 and one worker's sweeper compares the copies with the queues and kombu's ``unacked`` hash, and
 pushes again the messages it found in neither, of tasks no worker began: after every change of
-Redis (its ``run_id`` is not the one the last sweep stored), and once where each worker starts
-(a worker killed whole is started again, by hand or by its supervisor).
+Redis (its ``run_id`` is not the one the last sweep stored), once where each worker starts (a
+worker killed whole is started again, by hand or by its supervisor), and when a worker has not
+been heard from for ``DEAD_AFTER`` (one killed while the others run on and none is started in
+its place). Each sweeper says it is alive every ``INTERVAL`` in a sorted set of Redis's own
+clock times, so hosts' clocks do not matter; one that stops cleanly leaves the set.
 
 It looks twice, ``PASS_GAP`` apart, and pushes only what was missing both times: a message on
 its way from the queue to the unacknowledged hash (or given back by kombu's restore) between two
@@ -19,9 +22,11 @@ is still unbegun and its copy still there (``REPUBLISH``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
+import uuid
 
 from celery import Celery
 from redis.exceptions import RedisError
@@ -35,6 +40,9 @@ logger = logging.getLogger(__name__)
 INTERVAL = 5.0
 #: Between the two looks of one sweep.
 PASS_GAP = 5.0
+#: A worker not heard from for this long is taken for killed. Well above ``INTERVAL``: taking a
+#: slow worker for a killed one costs no more than a sweep.
+DEAD_AFTER = 30.0
 _CHUNK = 100  # messages read at a time: they carry request bodies
 _TASK_ID = re.compile(rb'"id":\s*"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"')
 
@@ -50,6 +58,8 @@ class Sweeper(threading.Thread):
         self._unacked = options.get("unacked_key", "unacked")
         self._run_key = binding.record_prefix + b"redis-run"
         self._lock_key = binding.record_prefix + b"sweeping"
+        self._workers_key = binding.record_prefix + b"workers"
+        self._me = uuid.uuid4().hex
         self._stopped = threading.Event()
         self._swept = False  # since this worker started
 
@@ -67,12 +77,18 @@ class Sweeper(threading.Thread):
 
     def stop(self) -> None:
         self._stopped.set()
+        # Stopped, not killed: no sweep is due. Should Redis be away, the others take this
+        # worker for killed and sweep once: no harm.
+        with contextlib.suppress(RedisError):
+            self._client.zrem(self._workers_key, self._me)
 
     def sweep_if_due(self) -> int | None:
-        """Sweep if this worker has not since it started, or if Redis changed since the last
-        sweep; the number of tasks pushed again (None: no sweep)."""
+        """Sweep if this worker has not since it started, if Redis changed since the last
+        sweep, or if a worker was not heard from for ``DEAD_AFTER``; the number of tasks pushed
+        again (None: no sweep)."""
         run_id = str(self._client.info("server")["run_id"]).encode()
-        if self._swept and self._client.get(self._run_key) == run_id:
+        silent_since, silent = self._heard()
+        if self._swept and not silent and self._client.get(self._run_key) == run_id:
             return None
         if not self._client.set(self._lock_key, run_id, nx=True, ex=120):
             return None  # another worker sweeps; this one's turn comes after
@@ -95,9 +111,17 @@ class Sweeper(threading.Thread):
                 for task_id in sorted(lost)
             )
             self._client.set(self._run_key, run_id)
+            # Only those still silent: one heard from again meanwhile stays.
+            self._client.zremrangebyscore(self._workers_key, "-inf", silent_since)
             self._swept = True
         finally:
             self._client.delete(self._lock_key)
+        if silent:
+            logger.warning(
+                "%d workers not heard from for %g s (killed?): swept for what they held",
+                silent,
+                DEAD_AFTER,
+            )
         if pushed:
             logger.warning(
                 "%d tasks lost by the broker (a Redis restart, or a worker killed as it took "
@@ -105,6 +129,18 @@ class Sweeper(threading.Thread):
                 pushed,
             )
         return int(pushed)
+
+    def _heard(self) -> tuple[float, int]:
+        """Say this worker is alive; the time before which a worker is silent, and how many
+        are."""
+        now, _ = self._client.time()
+        silent_since = now - DEAD_AFTER
+        pipe = self._client.pipeline(transaction=False)
+        if not self._stopped.is_set():  # stopping, it has left the set
+            pipe.zadd(self._workers_key, {self._me: now})
+        pipe.zcount(self._workers_key, "-inf", silent_since)
+        silent = pipe.execute()[-1]
+        return silent_since, int(silent)
 
     def missing(self) -> set[str]:
         """Tasks with a kept copy, unbegun, whose message is in no queue and not unacked."""

@@ -128,8 +128,8 @@ def register_replay(
 
 
 def _watch_worker(celery_app: Celery, leases: bool) -> None:
-    """Where the worker starts: check its final settings, keep its leases, and sweep after
-    each Redis restart or failover (``_sweep``)."""
+    """Where the worker starts: check its final settings, keep its leases, and sweep for
+    what Redis or a killed worker dropped (``_sweep``)."""
     threads: list[LeaseKeeper | Sweeper] = []
 
     def check_settings(sender: Any, **_: Any) -> None:

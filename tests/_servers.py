@@ -283,8 +283,18 @@ class Worker:
             raise RuntimeError(f"the worker exited; see {self._logfile}")
         return self
 
+    def pause(self) -> None:
+        """SIGSTOP the worker and its pool processes: alive to Redis, taking nothing."""
+        assert self._proc is not None
+        os.killpg(self._proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._proc is not None
+        os.killpg(self._proc.pid, signal.SIGCONT)
+
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGCONT)  # paused, it could not stop
             self._proc.terminate()
             try:
                 self._proc.wait(20)

@@ -18,7 +18,7 @@ from asgi_lifespan import LifespanManager
 from celery import Celery
 
 from async_task_middleware import ConfigurationError, register_replay
-from tests._servers import ROOT, RedisServer, Worker
+from tests._servers import ROOT, RedisServer, Worker, wait_for
 from tests.apps import build_probe
 from tests.conftest import final, make_client, submit
 
@@ -222,29 +222,61 @@ async def test_a_message_a_killed_worker_took_is_pushed_again(logdir: Path) -> N
     await _popped_then_found(logdir, "killed", swept_before)
 
 
+async def test_a_message_a_worker_killed_beside_a_live_one_took_is_pushed_again(
+    logdir: Path,
+) -> None:
+    """As above, but no worker is started in the killed one's place: the worker that stayed
+    up, which swept where it started, finds the killed one silent for ``DEAD_AFTER`` in the
+    set of live workers, sweeps again, pushes the task and runs it."""
+    from async_task_middleware._celery import Binding
+
+    def killed_beside(server: RedisServer, celery: Celery) -> None:
+        with redis.Redis.from_url(server.url) as store:
+            # The killed worker's entry as it leaves it: last heard from long ago.
+            store.zadd(Binding.of(celery).record_prefix + b"workers", {"killed": 0})
+
+    await _popped_then_found(logdir, "beside", killed_beside, worker_first=True)
+
+
 async def _popped_then_found(
     logdir: Path,
     name: str,
     then: Callable[[RedisServer, Celery], None],
     persistent: bool = False,
+    worker_first: bool = False,
 ) -> None:
     """Five submissions; the first one's message popped by hand (kombu's BRPOP), ``then``
-    done; a worker started afterwards runs every task once and says it pushed one again."""
+    done; a worker started afterwards (or, ``worker_first``, one started before, paused after
+    its first sweep and resumed) runs every task once and says it pushed one again."""
+    from async_task_middleware._celery import Binding
+
     with RedisServer(logdir / f"{name}-redis", persistent=persistent) as server:
         celery = Celery(name, broker=server.url, backend=server.url)
         app = build_probe(celery)
-        keys = [f"{name}-{uuid.uuid4()}" for _ in range(5)]
-        async with LifespanManager(app), make_client(app) as client:
-            locations = [await submit(client, f"/mark?key={key}") for key in keys]
-        with redis.Redis.from_url(server.url) as store:
-            popped = store.rpop("celery")  # the oldest: the first submission's message
-            assert popped is not None
-            assert keys[0] in popped.decode()  # in the query string the message carries
-            assert store.llen("celery") == 4
-        then(server, celery)
         log = logdir / f"{name}.log"
-        worker = Worker("tests.worker", {"REDIS_URL": server.url, "BROKER_URL": ""}, log).start()
+        worker = Worker("tests.worker", {"REDIS_URL": server.url, "BROKER_URL": ""}, log)
         try:
+            if worker_first:
+                worker.start()
+                with redis.Redis.from_url(server.url) as store:
+                    swept = Binding.of(celery).record_prefix + b"redis-run"
+                    wait_for(lambda: store.exists(swept), 30, "the first sweep")
+                worker.pause()
+                # Its BRPOP (1 s) times out: what is submitted now stays in the queue.
+                await anyio.sleep(2.5)
+            keys = [f"{name}-{uuid.uuid4()}" for _ in range(5)]
+            async with LifespanManager(app), make_client(app) as client:
+                locations = [await submit(client, f"/mark?key={key}") for key in keys]
+            with redis.Redis.from_url(server.url) as store:
+                popped = store.rpop("celery")  # the oldest: the first submission's message
+                assert popped is not None
+                assert keys[0] in popped.decode()  # in the query string the message carries
+                assert store.llen("celery") == 4
+            then(server, celery)
+            if worker_first:
+                worker.resume()
+            else:
+                worker.start()
             async with LifespanManager(app), make_client(app) as client:
                 for location in locations:
                     assert (await final(client, location, timeout=60)).status_code == 200
@@ -275,6 +307,13 @@ async def test_the_sweep_leaves_queued_and_unacked_messages_alone(logdir: Path) 
         assert sweeper.missing() == set()
         assert sweeper.sweep_if_due() == 0
         assert sweeper.sweep_if_due() is None  # the same Redis: no sweep again
+        # A worker silent for DEAD_AFTER (killed): swept for, then out of the set of workers.
+        workers = Binding.of(celery).record_prefix + b"workers"
+        store.zadd(workers, {"killed": 0})
+        assert sweeper.sweep_if_due() == 0
+        assert store.zscore(workers, "killed") is None
+        assert store.zcard(workers) == 1  # this sweeper itself
+        assert sweeper.sweep_if_due() is None
         assert store.llen("celery") == 2
         # The message gone from the hash too (dropped): it is missing now.
         store.delete("unacked")
@@ -283,5 +322,7 @@ async def test_the_sweep_leaves_queued_and_unacked_messages_alone(logdir: Path) 
         stopping = Sweeper(celery, Binding.of(celery))
         stopping.stop()
         assert stopping.sweep_if_due() is None
+        sweeper.stop()
+        assert store.zcard(workers) == 0  # stopped, not killed: neither is taken for silent
         assert store.llen("celery") == 2
         store.close()
