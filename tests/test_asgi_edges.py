@@ -102,7 +102,9 @@ async def call(app: Any, scope: dict[str, Any], incoming: list[Message]) -> list
 async def record_count() -> int:
     client = redis.asyncio.Redis.from_url(os.environ["REDIS_URL"])
     try:
-        return len([key async for key in client.scan_iter(b"async-task-middleware-*")])
+        keys = [key async for key in client.scan_iter(b"async-task-middleware-*")]
+        # Not the workers' own (the sweep's run id, lock and live workers): they come and go.
+        return len([k for k in keys if not k.endswith((b"redis-run", b"sweeping", b"workers"))])
     finally:
         await client.aclose()
 

@@ -44,8 +44,8 @@ def wordcount_files(text: bytes = b"one two three") -> dict[str, Any]:
 
 def task_keys(url: str) -> list[bytes]:
     client = redis.Redis.from_url(url)
-    # Per-task keys only: not the tombstones, not the sweep's own (run id, lock).
-    housekeeping = (b"refused-", b"redis-run", b"sweeping")
+    # Per-task keys only: not the tombstones, not the sweep's own (run id, lock, workers).
+    housekeeping = (b"refused-", b"redis-run", b"sweeping", b"workers")
     return [
         k
         for k in client.keys("async-task-middleware-*")
