@@ -228,8 +228,11 @@ class Worker:
         concurrency: int = 2,
         pool: str = "prefork",
         queues: str | None = None,
+        node: str | None = None,
     ):
-        self._queues = ["-Q", queues] if queues else []
+        self._options = ["-Q", queues] if queues else []
+        # Two workers of one name may not share RabbitMQ (each holds its own control queue).
+        self._options += ["-n", f"{node}@%h"] if node else []
         self._module = module
         self._env = env
         self._logfile = logfile
@@ -258,7 +261,7 @@ class Worker:
                     "--loglevel=INFO",
                     "--without-mingle",
                     "--without-gossip",
-                    *self._queues,
+                    *self._options,
                 ],
                 cwd=ROOT,
                 env=env,

@@ -121,7 +121,9 @@ class Rig:
         self.worker = Worker("tests.worker", self.env(), self._workdir / "worker.log").start()
 
     def start_idle_worker(self) -> None:
-        self.idle = Worker("tests.worker", self.env(), self._workdir / "idle.log").start()
+        self.idle = Worker(
+            "tests.worker", self.env(), self._workdir / "idle.log", node="idle"
+        ).start()
 
     def kill_worker(self) -> None:
         """SIGKILL the whole worker, its main process and pool children at once."""
@@ -172,6 +174,15 @@ async def kill_worker_every_3s(rig: Rig, submitted: anyio.Event) -> None:
     await anyio.to_thread.run_sync(rig.start_worker)
 
 
+async def kill_one_of_two(rig: Rig, submitted: anyio.Event) -> None:
+    # A second worker beside the first, which stays up; nothing is started in the killed one's
+    # place: the survivor takes back what the dead one held (its leases lapse) or took.
+    await anyio.to_thread.run_sync(rig.start_idle_worker)
+    await anyio.sleep(1.0)
+    rig.kill_worker()
+    await submitted.wait()
+
+
 async def second_worker_idle(rig: Rig, submitted: anyio.Event) -> None:
     await anyio.sleep(1.0)  # the long replays are running on the first worker now
     await anyio.to_thread.run_sync(rig.start_idle_worker)
@@ -212,6 +223,10 @@ SCENARIOS: dict[str, tuple[Chaos, tuple[str, ...]]] = {
         ("redis", "rabbitmq"),
     ),
     "whole worker SIGKILLed every 3 s": (kill_worker_every_3s, ("redis",)),
+    "one of two workers SIGKILLed whole, none started in its place": (
+        kill_one_of_two,
+        ("redis", "rabbitmq"),
+    ),
     "Redis SIGKILLed and restarted": (restart_redis, ("redis",)),
     "Redis paused 3 s": (pause_redis, ("redis",)),
     SENTINEL: (kill_sentinel_master, ("sentinel",)),
