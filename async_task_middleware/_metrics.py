@@ -3,12 +3,14 @@ extra); without it every hook here is skipped by one flag test, and nothing else
 
 Web side: ``async_task_middleware_submissions_total{route, answer}`` (answer: the status code,
 303, 429, 503...), ``async_task_middleware_waiters`` (long polls and event streams held now).
-Worker side: ``async_task_middleware_queue_wait_seconds{route}`` (submission to start) and
+Worker side: ``async_task_middleware_queue_wait_seconds{route}`` (submission to start),
 ``async_task_middleware_replay_seconds{route, outcome}`` (outcome: the status code, or
-``failed``). They go to prometheus-client's default registry: serve it as usual
-(``app.mount("/metrics", prometheus_client.make_asgi_app())`` on the web side,
-``prometheus_client.start_http_server(port)`` in a worker, with ``PROMETHEUS_MULTIPROC_DIR``
-set for prefork workers and multi-process web servers, as prometheus-client documents).
+``failed``), and in its main process ``async_task_middleware_pushed_again_total`` (tasks whose
+message the broker lost, pushed again by the sweep). They go to prometheus-client's default
+registry: serve it as usual (``app.mount("/metrics", prometheus_client.make_asgi_app())`` on the
+web side, ``prometheus_client.start_http_server(port)`` in a worker, with
+``PROMETHEUS_MULTIPROC_DIR`` set for prefork workers and multi-process web servers, as
+prometheus-client documents).
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ else:
         "Replay durations, by route and outcome.",
         ["route", "outcome"],
     )
+    _PUSHED_AGAIN = Counter(
+        "async_task_middleware_pushed_again",
+        "Tasks whose message the broker lost (a Redis restart or failover, a worker killed as "
+        "it took it), pushed again by the sweep.",
+    )
 
 
 def counting(send: Send, route: str) -> Send:
@@ -75,3 +82,8 @@ def replayed(route: Any, queued: float, seconds: float, outcome: str) -> None:
         if queued >= 0:
             _QUEUE_WAIT.labels(str(route)).observe(queued)
         _REPLAY.labels(str(route), outcome).observe(seconds)
+
+
+def pushed_again(count: int) -> None:
+    if ENABLED:
+        _PUSHED_AGAIN.inc(count)

@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 
 from . import _scripts
 from ._celery import Binding
+from ._metrics import pushed_again
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ class Sweeper(threading.Thread):
                 DEAD_AFTER,
             )
         if pushed:
+            pushed_again(pushed)
             logger.warning(
                 "%d tasks lost by the broker (a Redis restart, or a worker killed as it took "
                 "them) pushed again",

@@ -18,7 +18,7 @@ from asgi_lifespan import LifespanManager
 from celery import Celery
 
 from async_task_middleware import ConfigurationError, register_replay
-from tests._servers import ROOT, RedisServer, Worker, wait_for
+from tests._servers import ROOT, RedisServer, Worker, free_port, wait_for
 from tests.apps import build_probe
 from tests.conftest import final, make_client, submit
 
@@ -254,7 +254,9 @@ async def _popped_then_found(
         celery = Celery(name, broker=server.url, backend=server.url)
         app = build_probe(celery)
         log = logdir / f"{name}.log"
-        worker = Worker("tests.worker", {"REDIS_URL": server.url, "BROKER_URL": ""}, log)
+        port = free_port()
+        env = {"REDIS_URL": server.url, "BROKER_URL": "", "ATM_TEST_METRICS_PORT": str(port)}
+        worker = Worker("tests.worker", env, log)
         try:
             if worker_first:
                 worker.start()
@@ -280,11 +282,13 @@ async def _popped_then_found(
             async with LifespanManager(app), make_client(app) as client:
                 for location in locations:
                     assert (await final(client, location, timeout=60)).status_code == 200
+            metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
         finally:
             worker.stop()
         for key in keys:
             assert runs(server.url, key) == 1
         assert "1 tasks lost by the broker" in log.read_text()
+        assert "\nasync_task_middleware_pushed_again_total 1.0\n" in metrics
 
 
 async def test_the_sweep_leaves_queued_and_unacked_messages_alone(logdir: Path) -> None:
