@@ -66,6 +66,14 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
 
 
+#: The keys the workers' sweep keeps for itself (run id, lock, live workers), not a task's.
+SWEEP_KEYS = (
+    b"async-task-middleware-redis-run",
+    b"async-task-middleware-sweeping",
+    b"async-task-middleware-workers",
+)
+
+
 def runs(server: RedisServer, key: str) -> int:
     """How many times the probe's ``/mark`` (or ``/die``) ran under ``key``."""
     return int(redis.Redis.from_url(server.url).get(key) or 0)

@@ -13,7 +13,7 @@ import redis.asyncio
 from asgi_lifespan import LifespanManager
 
 from async_task_middleware import AsyncTaskMiddleware
-from tests.conftest import LOCATION, final, make_client
+from tests.conftest import LOCATION, SWEEP_KEYS, final, make_client
 from tests.worker import celery_app
 
 pytestmark = pytest.mark.anyio
@@ -103,8 +103,7 @@ async def record_count() -> int:
     client = redis.asyncio.Redis.from_url(os.environ["REDIS_URL"])
     try:
         keys = [key async for key in client.scan_iter(b"async-task-middleware-*")]
-        # Not the workers' own (the sweep's run id, lock and live workers): they come and go.
-        return len([k for k in keys if not k.endswith((b"redis-run", b"sweeping", b"workers"))])
+        return len([k for k in keys if k not in SWEEP_KEYS])  # the workers' own come and go
     finally:
         await client.aclose()
 

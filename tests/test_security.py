@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from async_task_middleware import Route, header_owner
 from tests._servers import RedisServer, Worker
 from tests.apps import build_probe
-from tests.conftest import final, make_client, submit
+from tests.conftest import SWEEP_KEYS, final, make_client, submit
 
 pytestmark = pytest.mark.anyio
 
@@ -45,11 +45,10 @@ def wordcount_files(text: bytes = b"one two three") -> dict[str, Any]:
 def task_keys(url: str) -> list[bytes]:
     client = redis.Redis.from_url(url)
     # Per-task keys only: not the tombstones, not the sweep's own (run id, lock, workers).
-    housekeeping = (b"refused-", b"redis-run", b"sweeping", b"workers")
     return [
         k
         for k in client.keys("async-task-middleware-*")
-        if not any(part in k for part in housekeeping)
+        if b"refused-" not in k and k not in SWEEP_KEYS
     ]
 
 
