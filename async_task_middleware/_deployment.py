@@ -136,7 +136,7 @@ def backend_pool(
     }
     if hosts is not None:
         options = celery_app.conf.result_backend_transport_options or {}
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
             [(h["host"], h["port"]) for h in hosts],
             min_other_sentinels=options.get("min_other_sentinels", 0),
             sentinel_kwargs={
