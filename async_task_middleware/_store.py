@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
+import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar, cast
@@ -27,6 +29,7 @@ from ._lane import Lane, pack
 from ._state import Outcome, StoreUnavailable, Submission, TaskState
 
 CLIENT_NAME = "async-task-middleware-web"
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -38,6 +41,9 @@ _REPLY_MARGIN = 0.25
 _LANE_LIMIT = 256 * 1024
 # A large body is read and sent in pieces of this size.
 _BODY_PIECE = 256 * 1024
+# A settle that outlives its answer is tried again until Redis answers, for at most this
+# long.
+_LATE_SETTLE = 60.0
 # How often the offset between this host's clock and Redis's is measured again.
 _CLOCK_SYNC_INTERVAL = 60.0
 
@@ -53,6 +59,15 @@ async def _again(call: Callable[[], Awaitable[T]]) -> T:
         except LostConnection:
             await asyncio.sleep(delay)
             delay = min(2 * delay, 0.5)
+
+
+def _settled_late(task_id: str, settle: asyncio.Task[bool]) -> None:
+    if settle.cancelled() or settle.exception() is not None:
+        logger.error("task %s, answered 503, could not be settled: Redis did not answer", task_id)
+    elif settle.result():
+        logger.error("task %s, answered 503, was begun by a worker before it was settled", task_id)
+    else:
+        logger.info("task %s, answered 503, was settled after its answer: taken back", task_id)
 
 
 class TaskStore:
@@ -73,11 +88,18 @@ class TaskStore:
         self.events = Subscriptions(self._redis)
         self._batch: dict[str, asyncio.Future[TaskState]] = {}
         self._flushing = False
+        self._settling: set[asyncio.Task[bool]] = set()  # held until done: the loop's are weak
         self._submit = self._redis.register_script(_scripts.SUBMIT)
         self._retract = self._redis.register_script(_scripts.RETRACT)
         self._delete = self._redis.register_script(_scripts.DELETE)
 
     async def aclose(self) -> None:
+        if self._settling:
+            # A settle still under way decides whether a task answered 503 may run.
+            wait = max(2 * self._timeout, 1.0)  # two more tries, at most: a shutdown is awaited
+            _, late = await asyncio.wait(self._settling, timeout=wait)
+            for settle in late:
+                settle.cancel()
         await self.events.aclose()
         await self._lane.aclose()
         await self._redis.aclose()
@@ -95,8 +117,7 @@ class TaskStore:
         in the same script, within the caps: all of it happens or none of it does, and none of
         it once ``timeout`` has passed (see ``SUBMIT``)."""
         b = self._binding
-        await self._sync_clock()
-        deadline = time.time() + self._clock_offset + timeout * (1 - _REPLY_MARGIN)
+        start = time.time()
         record = {
             "v": 1,
             "created": time.time(),
@@ -117,18 +138,24 @@ class TaskStore:
             b.message_key(sub.task_id),
         ]
         owner_cap = sub.owner_cap if sub.owner is not None else None
-        args: list[bytes | bytearray | str | int] = [
+        args: list[bytes | bytearray | memoryview | str | int] = [
             json.dumps(record),
             b.expires,
-            message if message is not None else b"",
+            # A view, not the bytearray: redis-py's hiredis packer copies a bytearray twice
+            # (into bytes, then into one command); a view takes its own packer, which writes
+            # the buffer as it is.
+            memoryview(message) if message is not None else b"",
             sub.task_id,
             repr(time.time()),
             "" if owner_cap is None else owner_cap,
             "" if sub.queued_cap is None else sub.queued_cap,
-            repr(deadline),
+            "",  # the deadline on Redis's clock, once the clock's offset is known
             sub.fingerprint,
         ]
+        # One deadline for all of it, the clock's measurement included.
         async with self._deadline(timeout):
+            await self._sync_clock()
+            args[7] = repr(start + self._clock_offset + timeout * (1 - _REPLY_MARGIN))
             if replicas is None and (message is None or len(message) <= _LANE_LIMIT):
                 answer = await _again(lambda: self._evalsha(self._submit, keys, args))
             elif replicas is None:
@@ -183,9 +210,10 @@ class TaskStore:
         self._clock_offset = seconds + microseconds / 1e6 - (before + after) / 2
         self._clock_synced = time.monotonic()
 
-    async def retract(self, sub: Submission) -> bool:
+    async def retract(self, sub: Submission, timeout: float | None = None) -> bool:
         """Settle a submission whose outcome is unknown: True when a worker already began it
-        (it was accepted after all); else it is taken back for good and False."""
+        (it was accepted after all); else it is taken back for good and False. Safe to run
+        again: a second run finds it taken back, or begun."""
         b = self._binding
         record_key = b.record_key(sub.task_id)
         keys = [
@@ -198,8 +226,36 @@ class TaskStore:
             b.message_key(sub.task_id),
         ]
         args: list[str | int] = [sub.task_id, b.expires, "1" if sub.idempotency_key else ""]
-        async with self._deadline():
+        async with self._deadline(timeout):
             return bool(await _again(lambda: self._retract(keys=keys, args=args)))
+
+    async def settle(self, sub: Submission, seconds: float) -> bool:
+        """``retract`` within ``seconds``: True when a worker already began ``sub``. One that
+        needs longer goes on in the background while the 503 goes out, tried again until Redis
+        answers (README: "A 503 promised nothing"), and logs how it ended."""
+        settle = asyncio.get_running_loop().create_task(self._retract_until_done(sub))
+        self._settling.add(settle)
+        settle.add_done_callback(self._settling.discard)
+        try:
+            async with asyncio.timeout(max(seconds, 0)):
+                return await asyncio.shield(settle)  # a client that leaves cancels its wait only
+        except TimeoutError:
+            settle.add_done_callback(functools.partial(_settled_late, sub.task_id))
+            return False
+        except StoreUnavailable:
+            return False
+
+    async def _retract_until_done(self, sub: Submission) -> bool:
+        give_up = time.monotonic() + _LATE_SETTLE
+        delay = 0.05
+        while True:
+            try:
+                return await self.retract(sub)
+            except StoreUnavailable:
+                if time.monotonic() > give_up:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 1.0)
 
     def _decode_meta(self, raw: bytes) -> dict[str, Any]:
         # Plain JSON is the common case and json.loads a third of the cost of the backend's

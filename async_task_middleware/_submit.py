@@ -1,8 +1,9 @@
 """Submitting: a request to a marked route becomes a task, answered ``303`` (or refused).
 
 A refusal (``503``, ``429``, ``408``, ``413``, ``401``) always means nothing was enqueued: a
-submission whose outcome is unknown when its deadline passes is settled before the answer
-(``TaskStore.retract``), so a client that retries after a 503 never runs the endpoint twice.
+submission whose outcome is unknown is settled (``TaskStore.retract``) within what is left of
+``publish_timeout``, or after the answer when that is not enough, so a client that retries
+after a 503 never runs the endpoint twice (README: "A 503 promised nothing").
 With ``Prefer: wait=N`` (or the route's ``wait``) a task that ends within the wait is answered
 with its final response, as the status URL would serve it.
 """
@@ -42,6 +43,10 @@ logger = logging.getLogger(__name__)
 # more than a millisecond: it moves to a thread, where it yields between 192 KiB pieces.
 _INLINE_MESSAGE_LIMIT = 256 * 1024
 _warned_dropped = False
+# The share of ``publish_timeout`` the publish may take; the rest is the settle's.
+_PUBLISH_SHARE = 0.6
+# At least this long for a step, whatever came before it.
+_LEAST = 0.01
 
 
 class _BodyTooLarge(Exception):
@@ -234,6 +239,15 @@ async def _publish(
     body: bytearray,
 ) -> tuple[Outcome, str]:
     route_limit = envelope.get("time_limit")
+    loop = asyncio.get_running_loop()
+    # The whole submission, settling included, answers within publish_timeout: the publish
+    # has its share, and the rest is kept for the settle.
+    end = loop.time() + settings.publish_timeout
+    publish_end = end - settings.publish_timeout * (1 - _PUBLISH_SHARE)
+
+    def left() -> float:
+        return max(publish_end - loop.time(), _LEAST)
+
     try:
         if binding.messages is not None:
             # A route's own limit; Celery's hard limit, the prefork pool's last resort, after.
@@ -250,27 +264,23 @@ async def _publish(
             else:
                 message = build()
             body.clear()  # the message holds it now: one copy per request, not two
-            return await store.submit(
-                sub, message, timeout=settings.publish_timeout, replicas=settings.replicas
-            )
-        outcome, task_id = await store.submit(
-            sub, None, timeout=settings.publish_timeout, replicas=settings.replicas
-        )
+            return await store.submit(sub, message, timeout=left(), replicas=settings.replicas)
+        outcome, task_id = await store.submit(sub, None, timeout=left(), replicas=settings.replicas)
         if outcome is Outcome.ACCEPTED:
             envelope["body"] = body_base64(body).decode("ascii")
             body.clear()
-            await _publish_through_celery(settings, binding, sub, envelope)
+            await _publish_through_celery(binding, sub, envelope, left())
         return outcome, task_id
     except (_PublishFailed, StoreUnavailable):
-        # The script (or Celery's publish) may still land after its deadline: settle it now.
-        with anyio.CancelScope(shield=True):
-            if await store.retract(sub):
-                return Outcome.ACCEPTED, sub.task_id  # a worker already began it
+        # The script may have run with its answer lost, or Celery's publish may still land:
+        # settle it, within what is left of the deadline.
+        if await store.settle(sub, end - loop.time()):
+            return Outcome.ACCEPTED, sub.task_id  # a worker already began it
         raise
 
 
 async def _publish_through_celery(
-    settings: Settings, binding: Binding, sub: Submission, envelope: dict[str, Any]
+    binding: Binding, sub: Submission, envelope: dict[str, Any], timeout: float
 ) -> None:
     """Any other broker: Celery's blocking publish runs in a thread, after the record, so that
     the worker finds it; one that fails or outlives the deadline is retracted by the caller,
@@ -289,7 +299,7 @@ async def _publish_through_celery(
         **options,
     )
     try:
-        with anyio.fail_after(settings.publish_timeout):
+        with anyio.fail_after(timeout):
             await anyio.to_thread.run_sync(send_task, abandon_on_cancel=True)
     except Exception as exc:
         raise _PublishFailed(type(exc).__name__) from exc

@@ -88,7 +88,8 @@ async def test_paused_broker_is_503_within_deadline_loop_free(
                 assert response.status_code == 503, (method, response.text)
                 assert response.headers["retry-after"] == "1"
                 assert response.headers["content-type"] == "application/problem+json"
-                assert elapsed < DEADLINE + 1.0
+                # The whole answer, the settle of an unknown submission included.
+                assert elapsed < DEADLINE + 0.1, (method, elapsed)
             # Unmarked routes do not touch Redis and stay fast.
             health, elapsed = await timed(faulty, "GET", "/health")
             assert health.status_code == 200
@@ -109,10 +110,10 @@ async def test_stopped_broker_is_503(faulty: httpx.AsyncClient, private_redis: R
     private_redis.stop()
     response, elapsed = await timed(faulty, "POST", "/jobs")
     assert response.status_code == 503
-    assert elapsed < DEADLINE + 1.0
+    assert elapsed < DEADLINE + 0.1
     response, elapsed = await timed(faulty, "GET", f"/jobs/{uuid.uuid4()}")
     assert response.status_code == 503
-    assert elapsed < DEADLINE + 1.0
+    assert elapsed < DEADLINE + 0.1
 
 
 @pytest.mark.parametrize("scheme", ["redis", "amqp"])
@@ -161,5 +162,5 @@ async def test_publish_outliving_its_deadline_leaves_no_record(
         finally:
             broker.resume()
     assert response.status_code == 503
-    assert elapsed < DEADLINE + 1.0
+    assert elapsed < DEADLINE + 0.1
     assert_only_tombstones(private_redis)
