@@ -272,6 +272,102 @@ async def test_fifty_concurrent_duplicates_make_one_task(probe: httpx.AsyncClien
     assert int(redis.Redis.from_url(os.environ["REDIS_URL"]).get(mark) or 0) == 1
 
 
+def _form(boundary: bytes, text: bytes, field: bytes = b"text") -> tuple[dict[str, Any], bytes]:
+    scope = {
+        "method": "POST",
+        "path": "/words",
+        "query_string": b"",
+        "headers": [(b"content-type", b"multipart/form-data; boundary=" + boundary)],
+    }
+    body = (
+        b'--%s\r\ncontent-disposition: form-data; name="%s"; filename="t.txt"\r\n\r\n'
+        b"%s\r\n--%s--\r\n" % (boundary, field, text, boundary)
+    )
+    return scope, body
+
+
+def test_a_forms_fingerprint_does_not_depend_on_its_boundary() -> None:
+    from async_task_middleware._submit import _fingerprint
+
+    def fp(boundary: bytes, text: bytes = b"a b c", field: bytes = b"text") -> str:
+        scope, body = _form(boundary, text, field)
+        return _fingerprint(scope, bytearray(body))
+
+    assert fp(b"one") == fp(b"0f8e1d2c3b4a") == fp(b"'()+_,-./:=?")
+    assert fp(b"one") != fp(b"one", b"a b d")  # another file
+    assert fp(b"one") != fp(b"one", field=b"other")  # another field
+    assert fp(b"one", b"a b c--x") != fp(b"one", b"a b c")
+    # Quoted, and a parameter before it; the media type in any case.
+    scope, body = _form(b"one", b"a b c")
+    scope["headers"] = [(b"content-type", b'Multipart/Form-Data; charset=x; boundary="one"')]
+    assert _fingerprint(scope, bytearray(body)) == fp(b"zzz")
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        b"multipart/form-data",  # no boundary
+        b"multipart/form-data; boundary=",
+        b"multipart/form-data; boundary=" + b"x" * 71,  # over RFC 2046's 70
+        b"multipart/form-data; boundary=a\x00b",
+        b"multipart/form-data; boundary=a\r\nb",
+        b"multipart/form-data; boundary=one; boundary=two",
+        b'multipart/form-data; boundary="ends-in-space "',
+        b"text/plain; boundary=one",
+    ],
+)
+def test_a_hostile_or_malformed_content_type_counts_the_bytes(content_type: bytes) -> None:
+    """Anything but one well-formed boundary: the body's bytes, as for any other body, so a
+    retry with another boundary is a conflict, never a match it should not be."""
+    from async_task_middleware._submit import _fingerprint
+
+    scope, body = _form(b"one", b"a b c")
+    scope["headers"] = [(b"content-type", content_type)]
+    other_scope, other_body = _form(b"two", b"a b c")
+    other_scope["headers"] = [(b"content-type", content_type)]
+    assert _fingerprint(scope, bytearray(body)) != _fingerprint(other_scope, bytearray(other_body))
+    raw = dict(scope, headers=[])
+    assert _fingerprint(scope, bytearray(body)) == _fingerprint(raw, bytearray(body))
+
+
+async def test_a_form_sent_again_is_the_same_request(probe: httpx.AsyncClient) -> None:
+    """httpx builds a new boundary for each send of ``files=``: the same form twice is one
+    task; another file or field under the same key is 422."""
+    key = {"idempotency-key": str(uuid.uuid4())}
+    mark = f"form-{uuid.uuid4()}"
+    url = f"/mark?key={mark}"
+    first = await probe.post(url, files={"text": ("t.txt", b"a b c")}, headers=key)
+    again = await probe.post(url, files={"text": ("t.txt", b"a b c")}, headers=key)
+    # Re-encoded: another boundary.
+    assert first.request.headers["content-type"] != again.request.headers["content-type"]
+    assert first.status_code == again.status_code == 303
+    assert first.headers["location"] == again.headers["location"]
+    for files in ({"text": ("t.txt", b"a b d")}, {"other": ("t.txt", b"a b c")}):
+        other = await probe.post(url, files=files, headers=key)
+        assert other.status_code == 422, files
+        assert other.json()["type"] == Problem.IDEMPOTENCY_CONFLICT.type
+
+
+async def test_fifty_concurrent_reencoded_forms_make_one_task(probe: httpx.AsyncClient) -> None:
+    key = {"idempotency-key": str(uuid.uuid4())}
+    mark = f"form-{uuid.uuid4()}"
+    answers: list[httpx.Response] = []
+
+    async def one() -> None:
+        files = {"text": ("t.txt", b"the same words")}
+        answers.append(await probe.post(f"/mark?key={mark}", files=files, headers=key))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(50):
+            tg.start_soon(one)
+    assert len({r.request.headers["content-type"] for r in answers}) == 50
+    assert [r.status_code for r in answers] == [303] * 50
+    assert len({r.headers["location"] for r in answers}) == 1
+    assert (await final(probe, answers[0].headers["location"])).status_code == 200
+    await anyio.sleep(1)
+    assert int(redis.Redis.from_url(os.environ["REDIS_URL"]).get(mark) or 0) == 1
+
+
 # -- a Redis and workers of this module's own ------------------------------------------------
 
 
