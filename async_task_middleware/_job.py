@@ -173,8 +173,8 @@ class Job:
         submitted = self.envelope.get("submitted")
         self.queued = time.time() - submitted if isinstance(submitted, float | int) else -1.0
         self.attempt = attempts
-        # One line at INFO per task, when it ends (Celery's own say when it was received).
-        logger.debug(
+        # From the process that runs it: an operator sees which child began what.
+        logger.info(
             "task %s started: %s, attempt %d, %.3f s after submission (request %s)",
             *(task_id, self.route, attempts, self.queued, self.rid),
         )

@@ -17,6 +17,7 @@ from typing import Any
 
 from celery.signals import worker_process_shutdown
 
+from ._apps import worker_logging_kept
 from ._progress import reporting_to
 from ._types import ASGIApp, Message
 
@@ -76,7 +77,8 @@ class Loop:
                 self._lifespan(app, timeout, starting, stop), context=contextvars.Context()
             )
             self._lifespans.append((stop, task))
-        return await asyncio.shield(starting)
+        with worker_logging_kept():  # what the startup did to logging, undone once it is up
+            return await asyncio.shield(starting)
 
     async def _lifespan(
         self,

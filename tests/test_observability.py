@@ -120,3 +120,71 @@ async def test_the_request_id_joins_the_web_and_worker_logs(
             with anyio.fail_after(10):
                 while not logged("finished: POST /echo 200 in"):
                     await anyio.sleep(0.1)
+
+
+RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+def _rabbitmq_listens() -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", 5672)) == 0
+
+
+@pytest.mark.parametrize("broker", ["redis", "amqp"])
+@pytest.mark.parametrize("pool", ["prefork", "threads", "solo", "replay"])
+async def test_every_line_of_a_replay_reaches_the_workers_log(
+    private_redis: RedisServer, tmp_path: Path, pool: str, broker: str
+) -> None:
+    """An app that takes over logging as it loads (as Litestar does) leaves the worker's own:
+    each replay's "started" and "finished" lines, Celery's "succeeded" and the endpoint's own
+    line all reach the log, on every pool and both brokers. On RabbitMQ the test has a queue
+    of its own, deleted afterwards."""
+    from celery import Celery
+    from kombu import Connection
+    from starlette.applications import Starlette
+
+    from async_task_middleware import AsyncTaskMiddleware
+
+    if broker == "amqp" and not _rabbitmq_listens():
+        pytest.skip("no RabbitMQ on 127.0.0.1:5672")
+    queue = f"logs-{uuid.uuid4().hex}"
+    broker_url = private_redis.url if broker == "redis" else RABBITMQ_URL
+    env = {"REDIS_URL": private_redis.url, "BROKER_URL": broker_url}
+    log = tmp_path / "worker.log"
+    worker = Worker("tests.worker", env, log, 2, pool, queues=queue).start()
+    celery = Celery("logs", broker=broker_url, backend=private_redis.url)
+    celery.conf.update(task_default_queue=queue, broker_transport_options={"confirm_publish": True})
+    app = AsyncTaskMiddleware(
+        Starlette(), celery_app=celery, routes=["POST /log"], name="takes-logging"
+    )
+    keys = [uuid.uuid4().hex for _ in range(6)]
+    try:
+        async with LifespanManager(app), make_client(app) as client:
+            locations = [await submit(client, f"/log?key={key}") for key in keys]
+            for location in locations:
+                assert (await final(client, location)).status_code == 200
+
+            def missing() -> list[str]:
+                text = log.read_text()
+                lines = text.splitlines()
+                absent = [f"endpoint line {key}" for key in keys if key not in text]
+                for location in locations:
+                    task_id = location.rsplit("/", 1)[1]
+                    mine = [line for line in lines if task_id in line]
+                    for event in (" started: POST /log", " finished: POST /log 200", "succeeded"):
+                        if not any(event in line for line in mine):
+                            absent.append(f"{task_id}{event}")
+                return absent
+
+            with anyio.move_on_after(10):
+                while missing():
+                    await anyio.sleep(0.1)
+            assert not missing(), missing()
+    finally:
+        worker.stop()
+        celery.close()  # its broker connections
+        if broker == "amqp":
+            with Connection(RABBITMQ_URL) as conn:
+                conn.default_channel.queue_delete(queue)

@@ -46,6 +46,7 @@ register_replay(
         "inner": "tests.apps:inner_app",
         "misregistered": "tests.apps:elsewhere_app",
         "slow-lifespan": "tests.apps:slow_lifespan_app",
+        "takes-logging": "tests.apps_logging:app",
     },
     secret_key=SECRET_KEY,
     time_limit=float(os.environ.get("ATM_TEST_TIME_LIMIT", 20)),
