@@ -210,7 +210,7 @@ class TaskStore:
         self._clock_offset = seconds + microseconds / 1e6 - (before + after) / 2
         self._clock_synced = time.monotonic()
 
-    async def retract(self, sub: Submission, timeout: float | None = None) -> bool:
+    async def retract(self, sub: Submission) -> bool:
         """Settle a submission whose outcome is unknown: True when a worker already began it
         (it was accepted after all); else it is taken back for good and False. Safe to run
         again: a second run finds it taken back, or begun."""
@@ -226,7 +226,7 @@ class TaskStore:
             b.message_key(sub.task_id),
         ]
         args: list[str | int] = [sub.task_id, b.expires, "1" if sub.idempotency_key else ""]
-        async with self._deadline(timeout):
+        async with self._deadline():
             return bool(await _again(lambda: self._retract(keys=keys, args=args)))
 
     async def settle(self, sub: Submission, seconds: float) -> bool:

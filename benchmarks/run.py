@@ -1,8 +1,9 @@
 """The benchmark suite: the middleware against the hand-written way and the ceiling, one run.
 
-    python3 scripts/dev.py bench [--seconds 3] [--rounds 3]
+    python3 scripts/dev.py bench [--seconds 3] [--rounds 3] [--only SECTION]
 
-Needs ``wrk`` (Debian: ``apt-get install wrk``). Starts a private Redis, one uvicorn process per
+``--only targets`` prints the worker's targets against the baselines that bound them. Needs
+``wrk`` (Debian: ``apt-get install wrk``). Starts a private Redis, one uvicorn process per
 contender (uvloop + httptools), and interleaves the contenders round by round so that drift of
 a noisy machine hits them alike; the table shows the median of the rounds.
 """
@@ -414,10 +415,13 @@ class Suite:
         worker.stop()
         return results
 
-    def io_bound(self, count: int, pool: str = "replay") -> dict[str, float]:
+    def io_bound(
+        self, count: int, pool: str = "replay", profile: Path | None = None
+    ) -> dict[str, float]:
         """``count`` replays of an endpoint that awaits 2 s, on one worker process (the replay
         pool, or Celery's threads pool), waited for with ``Prefer: wait`` long polls from one
-        in-process web app."""
+        in-process web app; ``profile``: the worker's stacks sampled there meanwhile
+        (``profile_shares``)."""
         import anyio
         from asgi_lifespan import LifespanManager
 
@@ -433,6 +437,16 @@ class Suite:
             pool=pool,
         ).start()
         self.workers.append(worker)
+        sampler = None
+        if profile is not None:
+            sampler = subprocess.Popen(
+                [
+                    *(py_spy(), "record", "--gil", "--format", "raw", "--output", str(profile)),
+                    *("--pid", str(worker._proc.pid), "--nonblocking"),  # type: ignore[union-attr]
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         app = build_probe(Celery("io", broker=self.redis.url, backend=self.redis.url))
         figures: dict[str, float] = {}
 
@@ -482,6 +496,9 @@ class Suite:
                 figures["connections"] = peak
 
         anyio.run(run)
+        if sampler is not None:
+            sampler.send_signal(signal.SIGINT)  # it writes its samples as it stops
+            sampler.wait(60)
         worker.stop()
         self.workers.remove(worker)
         return figures
@@ -735,7 +752,101 @@ def _rss(suite: Suite, args: argparse.Namespace) -> None:
     )
 
 
+def py_spy() -> str:
+    found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(found).exists():
+        sys.exit("py-spy is needed for the profile: pip install py-spy (the bench extra has it)")
+    return found
+
+
+# Where a sampled stack's CPU time goes: to the part of the innermost frame of these that it
+# passes through (a Redis call or JSON encoding counts to whoever made it).
+_SHARES = (
+    ("Celery and kombu (the consumer, its messages and acknowledgements)", ("celery", "kombu")),
+    ("the library (its consumer hook, BEGIN/FINISH, the hand-off)", ("async_task_middleware",)),
+    ("the app (Starlette, the endpoint)", ("starlette", "tests")),
+)
+
+
+def profile_shares(raw: Path) -> dict[str, float]:
+    """Shares of the sampled CPU time (py-spy's raw stacks, only those holding the GIL),
+    each stack counted under the part of its innermost frame named in ``_SHARES``."""
+    counts: dict[str, int] = {}
+    for line in raw.read_text().splitlines():
+        stack, _, number = line.rpartition(" ")
+        if not number.isdigit():
+            continue
+        part = next(
+            (
+                name
+                for frame in reversed(stack.split(";"))
+                for name, marks in _SHARES
+                if any(f"({mark}/" in frame or f"/{mark}/" in frame for mark in marks)
+            ),
+            "other (the interpreter, threads)",
+        )
+        counts[part] = counts.get(part, 0) + int(number)
+    total = sum(counts.values()) or 1
+    return {part: n / total for part, n in sorted(counts.items(), key=lambda kv: -kv[1])}
+
+
+def _verdict(value: float, target: float, at_most: bool = False) -> str:
+    met = value <= target if at_most else value >= target
+    return f"target {'<=' if at_most else '>='} {target:g}: {'met' if met else 'NOT met'}"
+
+
+def _targets(suite: Suite, args: argparse.Namespace) -> None:
+    """The worker's targets against the baselines that bound them, in one run, interleaved:
+    the replay's drain against the plain task that runs the same endpoint in process (the
+    library's own cost), and the replay pool's I/O-bound replays against Celery alone with as
+    many plain tasks that only sleep (Celery's own consumer is the bound there)."""
+    rates, _ = suite.drain(args.drain)
+    each = [
+        replay / endpoint
+        for replay, endpoint in zip(
+            rates["replay"], rates["plain task through the endpoint"], strict=True
+        )
+    ]
+    median = statistics.median(each)
+    print(
+        f"target 1, drain of {args.drain:,} queued word counts: replay / plain task calling the "
+        f"same endpoint in process, each round {', '.join(f'{r:.2f}x' for r in each)}; "
+        f"median {median:.2f}x ({_verdict(median, 0.9)})",
+        flush=True,
+    )
+    for count in args.io:
+        ratios: list[float] = []
+        lasts: list[float] = []
+        profile = suite.tmp / f"io-{count}.raw" if count == max(args.io) else None
+        for round_ in range(suite.rounds):
+            last_round = round_ == suite.rounds - 1
+            sampled = profile if last_round else None
+            replay = suite.io_bound(count, "replay", sampled)["last after submission"]
+            alone = suite.io_celery_alone(count)["last after submission"]
+            ratios.append(replay / alone)
+            lasts.append(replay)
+        median, last = statistics.median(ratios), statistics.median(lasts)
+        line = (
+            f"target 2, {count:,} I/O-bound replays (replay pool) / Celery alone with {count:,} "
+            f"plain sleeping tasks (threads pool), the last end after the last submission, each "
+            f"round {', '.join(f'{r:.2f}x' for r in ratios)}; median {median:.2f}x "
+            f"({_verdict(median, 1.1, at_most=True)})"
+        )
+        if count == 1000:
+            verdict = _verdict(last, 4, at_most=True)
+            line += f"; the last final {last:.1f} s after the last submission ({verdict})"
+        print(line, flush=True)
+        if profile is not None and profile.exists():
+            shares = ", ".join(f"{p} {100 * v:.0f} %" for p, v in profile_shares(profile).items())
+            print(
+                f"  the worker's CPU in the last round's {count:,} replays (py-spy, GIL held): "
+                f"{shares}",
+                flush=True,
+            )
+
+
 SECTIONS: dict[str, Callable[[Suite, argparse.Namespace], None]] = {
+    "targets": _targets,
     "throughput": _throughput,
     "pass-through": _pass_through,
     "lag": _lag,
@@ -762,7 +873,8 @@ def main() -> None:
     parser.add_argument("--rss-requests", type=int, default=100_000)
     parser.add_argument("--only", choices=tuple(SECTIONS))
     args = parser.parse_args()
-    if not shutil.which("wrk"):
+    needs_wrk = args.only in (None, "throughput", "lag", "large", "rss")
+    if needs_wrk and not shutil.which("wrk"):
         sys.exit("wrk is needed: apt-get install wrk")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     cpu = next(
