@@ -16,18 +16,18 @@ The exceptions, all raised at start or in the worker, never to an HTTP client::
     ResponseTooLarge                  the replayed response exceeded max_response_size
 """
 
-from ._celery import ConfigurationError
-from ._job import AttemptsExhausted, LoopBlocked
-from ._loop import LifespanFailed, ReplayTimeLimit
-from ._middleware import AsyncTaskMiddleware
-from ._openapi import document_tasks, tasks_openapi
-from ._policy import SealError, header_owner
-from ._pool import ReplayPool
-from ._progress import TaskCancelled, report_progress
-from ._replay import NoResponse, ResponseTooLarge
-from ._routes import Route
-from ._wire import WireFormatError
-from ._worker import register_replay
+from ._shared.binding import ConfigurationError
+from ._shared.policy import SealError, header_owner
+from ._shared.routes import Route
+from ._shared.wire import WireFormatError
+from ._web.middleware import AsyncTaskMiddleware
+from ._web.openapi import document_tasks, tasks_openapi
+from ._worker.job import AttemptsExhausted, LoopBlocked
+from ._worker.loop import LifespanFailed, ReplayTimeLimit
+from ._worker.pool import ReplayPool
+from ._worker.progress import TaskCancelled, report_progress
+from ._worker.register import register_replay
+from ._worker.replay import NoResponse, ResponseTooLarge
 
 __all__ = [
     "AsyncTaskMiddleware",

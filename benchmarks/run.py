@@ -127,7 +127,7 @@ def rss_kib(pid: int) -> int:
     return total
 
 
-#: The middleware contender's queued set (``_scripts``): the example's app name and route.
+#: The middleware contender's queued set (``_shared.scripts``): the example's app name and route.
 QUEUED_SET = "async-task-middleware-queued-wordcount-fastapi POST /words"
 
 
@@ -425,7 +425,7 @@ class Suite:
         import anyio
         from asgi_lifespan import LifespanManager
 
-        from async_task_middleware._store import CLIENT_NAME
+        from async_task_middleware._web.store import CLIENT_NAME
         from tests.apps import build_probe
 
         self.r.flushdb()

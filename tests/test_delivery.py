@@ -211,7 +211,7 @@ async def test_a_message_a_killed_worker_took_is_pushed_again(logdir: Path) -> N
     unacknowledged: Redis keeps it nowhere, and Redis did not restart. Here the pop is made by
     hand, after a sweep of this Redis; the worker started in place of the killed one finds the
     task missing (twice), pushes its kept copy again and runs it; the other tasks run once."""
-    from async_task_middleware._celery import Binding
+    from async_task_middleware._shared.binding import Binding
 
     def swept_before(server: RedisServer, celery: Celery) -> None:
         # As an earlier worker's sweep left it: this Redis has not changed since.
@@ -228,7 +228,7 @@ async def test_a_message_a_worker_killed_beside_a_live_one_took_is_pushed_again(
     """As above, but no worker is started in the killed one's place: the worker that stayed
     up, which swept where it started, finds the killed one silent for ``DEAD_AFTER`` in the
     set of live workers, sweeps again, pushes the task and runs it."""
-    from async_task_middleware._celery import Binding
+    from async_task_middleware._shared.binding import Binding
 
     def killed_beside(server: RedisServer, celery: Celery) -> None:
         with redis.Redis.from_url(server.url) as store:
@@ -248,7 +248,7 @@ async def _popped_then_found(
     """Five submissions; the first one's message popped by hand (kombu's BRPOP), ``then``
     done; a worker started afterwards (or, ``worker_first``, one started before, paused after
     its first sweep and resumed) runs every task once and says it pushed one again."""
-    from async_task_middleware._celery import Binding
+    from async_task_middleware._shared.binding import Binding
 
     with RedisServer(logdir / f"{name}-redis", persistent=persistent) as server:
         celery = Celery(name, broker=server.url, backend=server.url)
@@ -294,8 +294,8 @@ async def _popped_then_found(
 async def test_the_sweep_leaves_queued_and_unacked_messages_alone(logdir: Path) -> None:
     """The sweep pushes nothing again when every message is where kombu keeps it: waiting in
     the queue, or unacknowledged."""
-    from async_task_middleware._celery import Binding
-    from async_task_middleware._sweep import Sweeper
+    from async_task_middleware._shared.binding import Binding
+    from async_task_middleware._worker.sweep import Sweeper
 
     with RedisServer(logdir / "sweep-redis") as server:
         celery = Celery("sweep", broker=server.url, backend=server.url)

@@ -35,7 +35,7 @@ async def test_nothing_lost(scenario: str, broker: str, tmp_path: Path) -> None:
     assert tally.accepted + tally.refused == 100
     assert tally.accepted > 0
     # Not even a message Redis dropped between kombu's BRPOP and its unacked write: the
-    # sweep after the restart or failover pushes it again (``_sweep``).
+    # sweep after the restart or failover pushes it again (``_worker.sweep``).
     assert tally.lost == 0, tally.row()
     assert tally.wrong == 0, tally.row()
     assert tally.done + tally.failed == tally.accepted

@@ -16,9 +16,9 @@ import pytest
 import redis
 from celery import Celery
 
-from async_task_middleware._celery import Binding
-from async_task_middleware._state import StoreUnavailable
-from async_task_middleware._store import CLIENT_NAME, TaskStore
+from async_task_middleware._shared.binding import Binding
+from async_task_middleware._web.state import StoreUnavailable
+from async_task_middleware._web.store import CLIENT_NAME, TaskStore
 from tests._servers import RedisServer
 
 pytestmark = pytest.mark.anyio

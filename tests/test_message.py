@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from async_task_middleware._celery import TASK_NAME
-from async_task_middleware._message import MessageTemplates
+from async_task_middleware._shared.binding import TASK_NAME
+from async_task_middleware._shared.message import MessageTemplates
 
 
 def _celery() -> Celery:

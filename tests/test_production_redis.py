@@ -30,9 +30,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from async_task_middleware import AsyncTaskMiddleware, ConfigurationError
-from async_task_middleware._celery import Binding
-from async_task_middleware._state import StoreUnavailable, Submission
-from async_task_middleware._store import TaskStore
+from async_task_middleware._shared.binding import Binding
+from async_task_middleware._web.state import StoreUnavailable, Submission
+from async_task_middleware._web.store import TaskStore
 from tests._servers import ROOT, RedisServer, Sentinels, Uvicorn, Worker, free_port, wait_for
 from tests.conftest import LOCATION, final, make_client
 

@@ -19,10 +19,10 @@ from asgi_lifespan import LifespanManager
 from celery import Celery
 
 from async_task_middleware import Route
-from async_task_middleware._headers import BadIdempotencyKey, idempotency_key, parse_prefer
-from async_task_middleware._responses import Problem
-from async_task_middleware._status import retry_after
-from async_task_middleware._store import CLIENT_NAME
+from async_task_middleware._web.headers import BadIdempotencyKey, idempotency_key, parse_prefer
+from async_task_middleware._web.responses import Problem
+from async_task_middleware._web.status import retry_after
+from async_task_middleware._web.store import CLIENT_NAME
 from tests._servers import RedisServer, Worker
 from tests.apps import build_probe
 from tests.conftest import LOCATION, final, make_client, submit
@@ -287,11 +287,11 @@ def _form(boundary: bytes, text: bytes, field: bytes = b"text") -> tuple[dict[st
 
 
 def test_a_forms_fingerprint_does_not_depend_on_its_boundary() -> None:
-    from async_task_middleware._submit import _fingerprint
+    from async_task_middleware._web.body import fingerprint
 
     def fp(boundary: bytes, text: bytes = b"a b c", field: bytes = b"text") -> str:
         scope, body = _form(boundary, text, field)
-        return _fingerprint(scope, bytearray(body))
+        return fingerprint(scope, bytearray(body))
 
     assert fp(b"one") == fp(b"0f8e1d2c3b4a") == fp(b"'()+_,-./:=?")
     assert fp(b"one") != fp(b"one", b"a b d")  # another file
@@ -300,7 +300,7 @@ def test_a_forms_fingerprint_does_not_depend_on_its_boundary() -> None:
     # Quoted, and a parameter before it; the media type in any case.
     scope, body = _form(b"one", b"a b c")
     scope["headers"] = [(b"content-type", b'Multipart/Form-Data; charset=x; boundary="one"')]
-    assert _fingerprint(scope, bytearray(body)) == fp(b"zzz")
+    assert fingerprint(scope, bytearray(body)) == fp(b"zzz")
 
 
 @pytest.mark.parametrize(
@@ -319,15 +319,15 @@ def test_a_forms_fingerprint_does_not_depend_on_its_boundary() -> None:
 def test_a_hostile_or_malformed_content_type_counts_the_bytes(content_type: bytes) -> None:
     """Anything but one well-formed boundary: the body's bytes, as for any other body, so a
     retry with another boundary is a conflict, never a match it should not be."""
-    from async_task_middleware._submit import _fingerprint
+    from async_task_middleware._web.body import fingerprint
 
     scope, body = _form(b"one", b"a b c")
     scope["headers"] = [(b"content-type", content_type)]
     other_scope, other_body = _form(b"two", b"a b c")
     other_scope["headers"] = [(b"content-type", content_type)]
-    assert _fingerprint(scope, bytearray(body)) != _fingerprint(other_scope, bytearray(other_body))
+    assert fingerprint(scope, bytearray(body)) != fingerprint(other_scope, bytearray(other_body))
     raw = dict(scope, headers=[])
-    assert _fingerprint(scope, bytearray(body)) == _fingerprint(raw, bytearray(body))
+    assert fingerprint(scope, bytearray(body)) == fingerprint(raw, bytearray(body))
 
 
 async def test_a_form_sent_again_is_the_same_request(probe: httpx.AsyncClient) -> None:
@@ -572,7 +572,7 @@ async def test_event_stream_heartbeat(
 ) -> None:
     """A comment line keeps an idle stream open (every 15 s; 0.2 s here), until the client
     leaves."""
-    from async_task_middleware import _stream
+    from async_task_middleware._web import stream as _stream
 
     monkeypatch.setattr(_stream, "HEARTBEAT", 0.2)
     app = build_probe(own_celery(private_redis))  # no worker: the task stays queued

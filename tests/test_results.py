@@ -14,7 +14,12 @@ import httpx
 import pytest
 import redis
 
-from async_task_middleware._wire import INLINE_BODY, pack_response, split_response, unpack_response
+from async_task_middleware._shared.wire import (
+    INLINE_BODY,
+    pack_response,
+    split_response,
+    unpack_response,
+)
 from tests._servers import RedisServer
 from tests.conftest import final, submit
 

@@ -9,10 +9,15 @@ from celery import Celery
 
 import async_task_middleware
 from async_task_middleware import AsyncTaskMiddleware, ConfigurationError, WireFormatError
-from async_task_middleware._celery import Binding
-from async_task_middleware._policy import CREDENTIAL_HEADERS, Keys, join_headers, split_headers
-from async_task_middleware._routes import RouteTable, Status, Submit
-from async_task_middleware._wire import (
+from async_task_middleware._shared.binding import Binding
+from async_task_middleware._shared.policy import (
+    CREDENTIAL_HEADERS,
+    Keys,
+    join_headers,
+    split_headers,
+)
+from async_task_middleware._shared.routes import RouteTable, Status, Submit
+from async_task_middleware._shared.wire import (
     body_base64,
     capture_request,
     pack_response,
@@ -357,6 +362,6 @@ def test_example_word_count_over_chunks(size: int) -> None:
 def test_request_id_takes_only_plain_tokens(
     headers: list[tuple[bytes, bytes]], expected: str | None
 ) -> None:
-    from async_task_middleware._headers import request_id
+    from async_task_middleware._web.headers import request_id
 
     assert request_id(headers) == expected

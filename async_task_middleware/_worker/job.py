@@ -1,52 +1,48 @@
 """One delivery of the replay task, from its first step to its last.
 
 ``begin`` counts the delivery and checks the submission record (``BEGIN``); ``start`` opens the
-sealed headers and hands the replay to this process's event loop (``_loop``) under the time
-limit, with the process's beater (``_beat``) keeping its heartbeat and stopping it when deleted;
-``wait`` waits for it; ``finish`` stores the outcome ready to send (``FINISH``), ``fail`` the
-failure. The task runs the steps in a row on its pool's thread; the replay pool (``_pool``)
-runs ``begin`` and ``start`` before Celery's trace and the rest inside it, so that no thread
-waits while the replay runs.
+sealed headers and hands the replay to this process's event loop (``_worker.loop``) under the
+time limit, with the process's beater (``_worker.beat``) keeping its heartbeat and stopping it
+when deleted; ``wait`` waits for it; ``finish`` stores the outcome ready to send (``FINISH``),
+``fail`` the failure. The task runs the steps in a row on its pool's thread; the replay pool
+(``_worker.pool``) runs ``begin`` and ``start`` before Celery's trace and the rest inside it, so
+that no thread waits while the replay runs.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import datetime
 import logging
 import os
-import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from billiard.process import current_process
-from celery import Task, states
+from celery import Task
 from celery.exceptions import Ignore
 
-from . import _scripts
-from ._apps import Apps
-from ._beat import Beat, Beater, process_beater
-from ._celery import HARD_LIMIT_GRACE, Binding
-from ._deployment import again
-from ._loop import Loop, ReplayTimeLimit, process_loop, replace_process_loop
-from ._metrics import replayed
-from ._policy import Keys, join_headers
-from ._progress import TaskCancelled, on_event_loop, process_writer
-from ._replay import replay
-from ._wire import check, split_response, unpack_response
+from .._shared import scripts as _scripts
+from .._shared.binding import HARD_LIMIT_GRACE
+from .._shared.deployment import again
+from .._shared.metrics import replayed
+from .._shared.policy import join_headers
+from .._shared.wire import check, split_response, unpack_response
+from .backend import STORED, process_backend, success_meta
+from .beat import Beat, Beater, process_beater
+from .loop import Loop, ReplayTimeLimit, process_loop, replace_process_loop
+from .progress import TaskCancelled, on_event_loop, process_writer
+from .replay import replay
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
-#: What the replay task returns, and Celery's meta says: the response itself is in the store.
-STORED = {"v": 1, "stored": True}
 #: Seconds a finished replay waits for its progress reports to be stored: far longer than a
 #: write takes while Redis answers; past it, the outcome is stored all the same.
 PROGRESS_FLUSH = 10.0
-_backends: dict[tuple[int, int], Any] = {}
-_backends_lock = threading.Lock()
 
 
 class AttemptsExhausted(Exception):
@@ -60,57 +56,6 @@ class LoopBlocked(Exception):
     """The replay held its worker's event loop (or thread) past the hard time limit."""
 
 
-@dataclass
-class Runtime:
-    """What ``register_replay`` settles once for every delivery of its task."""
-
-    binding: Binding
-    apps: Apps
-    keys: Keys | None
-    max_attempts: int
-    time_limit: float
-    max_response_size: int
-    lifespan_timeout: float
-    cancel_check_interval: float
-    heartbeat_ms: int
-
-    def __post_init__(self) -> None:
-        self._scripts: dict[int, tuple[Any, Any]] = {}
-        # The delivery the replay pool began, for the trace it runs next on this thread.
-        self._handed = threading.local()
-
-    def hand(self, job: Job | None) -> None:
-        """``job`` for the task body that runs next on this thread (None: none)."""
-        self._handed.job = job
-
-    def scripts(self, store: Any) -> tuple[Any, Any]:
-        if id(store) not in self._scripts:
-            self._scripts[id(store)] = (
-                store.register_script(_scripts.BEGIN),
-                store.register_script(_scripts.FINISH),
-            )
-        return self._scripts[id(store)]
-
-    def run(self, task: Task, envelope: Any) -> dict[str, Any]:
-        """The task's body: a delivery begun by the replay pool is taken up where it is."""
-        job: Job | None = getattr(self._handed, "job", None)
-        if job is None or job.task_id != task.request.id:
-            job = Job(self, task, task.request.id, envelope)
-        job.begin()
-        try:
-            job.start()
-            packed = job.wait()
-        except Ignore:
-            raise
-        except LoopBlocked as exc:
-            job.replace_blocked(exc)
-            raise
-        except BaseException as exc:
-            job.fail(exc)
-            raise
-        return job.finish(packed)
-
-
 class Job:
     """One delivery. ``begin`` and ``start`` happen once: called again (by the trace of a
     delivery the replay pool began), they raise what they raised the first time."""
@@ -119,7 +64,7 @@ class Job:
         self.runtime = runtime
         self.task = task
         self.task_id = task_id
-        self.backend = _process_backend(task)
+        self.backend = process_backend(task)
         self.store = self.backend.client  # the result backend's own (synchronous) client
         self._begin_script, self._finish_script = runtime.scripts(self.store)
         b = runtime.binding
@@ -314,7 +259,7 @@ class Job:
             task_id,
             self.channel,
             b"" if apart is None else apart,
-            b"" if failed else _success_meta(self.backend, task_id),
+            b"" if failed else success_meta(self.backend, task_id),
         ]
         stored = again(lambda: self._finish_script(keys=ends, args=values), "storing an outcome")
         return bool(stored)
@@ -334,35 +279,6 @@ class Job:
             os._exit(1)  # the redelivery finds the outcome stored and does not run again
         if self.loop is not None:
             replace_process_loop(self.loop)
-
-
-def _process_backend(task: Task) -> Any:
-    """One result backend per process for the replay's own reads and writes. Celery keeps one
-    per thread (for its result consumers), so that on the threads pool each of a thousand
-    threads would build a backend, its connection pool and its connections; the Redis client
-    underneath is thread-safe, and one serves them all."""
-    key = (os.getpid(), id(task.app))
-    backend = _backends.get(key)
-    if backend is None:
-        with _backends_lock:
-            backend = _backends.setdefault(key, task.backend)
-    return backend
-
-
-def _success_meta(backend: Any, task_id: str) -> Any:
-    """The result meta Celery itself would store for the replay's success (its result says
-    that the response is stored), for AsyncResult, Flower and the like."""
-    return backend.encode(
-        {
-            "status": states.SUCCESS,
-            "result": STORED,
-            "traceback": None,
-            "children": [],
-            # Celery's app.now() in one step (it goes through UTC and dateutil: slow).
-            "date_done": datetime.datetime.now(backend.app.timezone).isoformat(),
-            "task_id": task_id,
-        }
-    )
 
 
 def _route_limit(envelope: dict[str, Any], default: float) -> float:

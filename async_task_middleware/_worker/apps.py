@@ -8,8 +8,8 @@ import logging
 import threading
 from collections.abc import Iterator, Mapping
 
-from ._errors import ConfigurationError
-from ._types import ASGIApp
+from .._shared.errors import ConfigurationError
+from .._shared.types import ASGIApp
 
 
 class Apps:

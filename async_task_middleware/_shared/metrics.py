@@ -19,7 +19,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from ._types import Message, Send
+from .types import Message, Send
 
 try:
     from prometheus_client import Counter, Gauge, Histogram

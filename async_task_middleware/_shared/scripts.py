@@ -5,18 +5,18 @@ Keys of one task (``<p>`` is ``async-task-middleware-``, after Celery's ``global
 - ``<p><id>``: the submission record (JSON: created, app, route, owner hash). It alone tells a
   known task from an unknown one, and a worker runs a task only while it exists.
 - ``<p>attempts-<id>``: deliveries counted by the worker (poison requests; "a worker began").
-- ``<p>result-<id>``: the outcome: the final response, ready to send (``_wire.pack_response``),
-  or ``FAILED`` (Celery's meta holds the details).
-- ``<p>body-<id>``: a large result's body, kept apart from its ``result`` (``_wire``), so that
-  a poll's ``MGET`` never carries it; it is read in pieces. Written and expiring with it.
+- ``<p>result-<id>``: the outcome: the final response, ready to send
+  (``_shared.wire.pack_response``), or ``FAILED`` (Celery's meta holds the details).
+- ``<p>body-<id>``: a large result's body, kept apart from its ``result`` (``_shared.wire``), so
+  that a poll's ``MGET`` never carries it; it is read in pieces. Written and expiring with it.
 - ``<p>events-<id>`` (a pub/sub channel, not a key): a note each time the task begins,
-  reports progress or ends; it wakes waiting requests and event streams (``_events``).
+  reports progress or ends; it wakes waiting requests and event streams (``_web.events``).
 - ``<p>live-<id>``: a heartbeat, renewed while a worker runs the task; a task that began and
   has none is waiting for redelivery ("retrying").
 - ``<p>refused-<id>``: a tombstone: a submission answered 503 that must never run.
 - ``<p>message-<id>``: a copy of the task's broker message (``queue``, ``message``), from the
   submission until a worker begins the task, for the sweep after a Redis restart or failover
-  (``_sweep``): the one moment kombu's Redis transport can drop a message.
+  (``_worker.sweep``): the one moment kombu's Redis transport can drop a message.
 - ``<p>owner-<hash>``, ``<p>queued-<app> <route>``: sorted sets of unfinished tasks per owner
   and queued tasks per route (score: submission time), kept only when a cap is set.
 - ``<p>idempotency-<app> <owner> <sha256 of the key>``: ``<task id> <request fingerprint>``,
@@ -190,7 +190,7 @@ redis.call('PUBLISH', ARGV[4], 'done')
 return 1
 """
 
-# The sweep (``_sweep``), for a task whose message it found in neither the queue nor kombu's
+# The sweep (``_worker.sweep``), for a task whose message it found in neither the queue nor kombu's
 # unacked hash, twice: push the kept copy again, unless the task began meanwhile, was deleted,
 # or its copy is gone (begun, retracted).
 # KEYS: record, attempts, heartbeat, message copy

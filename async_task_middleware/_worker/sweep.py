@@ -31,9 +31,9 @@ import uuid
 from celery import Celery
 from redis.exceptions import RedisError
 
-from . import _scripts
-from ._celery import Binding
-from ._metrics import pushed_again
+from .._shared import scripts as _scripts
+from .._shared.binding import Binding
+from .._shared.metrics import pushed_again
 
 logger = logging.getLogger(__name__)
 

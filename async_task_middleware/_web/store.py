@@ -1,6 +1,6 @@
 """The task store on the web side: submissions, reads and deletes in Redis, never blocking.
 
-The keys and the scripts are described in ``_scripts``. Every call runs under a deadline; on
+The keys and the scripts are described in ``_shared.scripts``. Every call runs under a deadline; on
 expiry or a connection error it raises ``StoreUnavailable``, which the middleware answers with
 503, after settling whatever the call may have left behind (``retract``).
 """
@@ -8,28 +8,26 @@ expiry or a connection error it raises ``StoreUnavailable``, which the middlewar
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import json
-import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator
+from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError as LostConnection
 from redis.exceptions import NoScriptError, RedisError
 
-from . import _scripts
-from ._celery import Binding
-from ._deployment import backend_pool, is_cluster
-from ._events import Subscriptions
-from ._lane import Lane, pack
-from ._state import Outcome, StoreUnavailable, Submission, TaskState
+from .._shared import scripts as _scripts
+from .._shared.binding import Binding
+from .._shared.deployment import backend_pool, is_cluster
+from .calls import ReadBatch, again, deadline
+from .events import Subscriptions
+from .lane import Lane, pack
+from .settle import Settles
+from .state import Outcome, StoreUnavailable, Submission, TaskState
 
 CLIENT_NAME = "async-task-middleware-web"
-logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -41,33 +39,8 @@ _REPLY_MARGIN = 0.25
 _LANE_LIMIT = 256 * 1024
 # A large body is read and sent in pieces of this size.
 _BODY_PIECE = 256 * 1024
-# A settle that outlives its answer is tried again until Redis answers, for at most this
-# long.
-_LATE_SETTLE = 60.0
 # How often the offset between this host's clock and Redis's is measured again.
 _CLOCK_SYNC_INTERVAL = 60.0
-
-
-async def _again(call: Callable[[], Awaitable[T]]) -> T:
-    """Make an idempotent call, again while the connection fails: a Redis restarting, or a
-    Sentinel failover under way (no master known yet, or the old one now a replica). The
-    caller's deadline ends the tries."""
-    delay = 0.02
-    while True:
-        try:
-            return await call()
-        except LostConnection:
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, 0.5)
-
-
-def _settled_late(task_id: str, settle: asyncio.Task[bool]) -> None:
-    if settle.cancelled() or settle.exception() is not None:
-        logger.error("task %s, answered 503, could not be settled: Redis did not answer", task_id)
-    elif settle.result():
-        logger.error("task %s, answered 503, was begun by a worker before it was settled", task_id)
-    else:
-        logger.info("task %s, answered 503, was settled after its answer: taken back", task_id)
 
 
 class TaskStore:
@@ -86,20 +59,16 @@ class TaskStore:
         self._redis = Redis(connection_pool=pool)
         self._lane = Lane(pool)
         self.events = Subscriptions(self._redis)
-        self._batch: dict[str, asyncio.Future[TaskState]] = {}
-        self._flushing = False
-        self._settling: set[asyncio.Task[bool]] = set()  # held until done: the loop's are weak
+        self._batched = ReadBatch(self._read_many)
+        self._settles = Settles(self.retract)
         self._submit = self._redis.register_script(_scripts.SUBMIT)
         self._retract = self._redis.register_script(_scripts.RETRACT)
         self._delete = self._redis.register_script(_scripts.DELETE)
 
     async def aclose(self) -> None:
-        if self._settling:
-            # A settle still under way decides whether a task answered 503 may run.
-            wait = max(2 * self._timeout, 1.0)  # two more tries, at most: a shutdown is awaited
-            _, late = await asyncio.wait(self._settling, timeout=wait)
-            for settle in late:
-                settle.cancel()
+        # A settle still under way decides whether a task answered 503 may run: two more
+        # tries, at most, for a shutdown is awaited.
+        await self._settles.aclose(max(2 * self._timeout, 1.0))
         await self.events.aclose()
         await self._lane.aclose()
         await self._redis.aclose()
@@ -157,11 +126,11 @@ class TaskStore:
             await self._sync_clock()
             args[7] = repr(start + self._clock_offset + timeout * (1 - _REPLY_MARGIN))
             if replicas is None and (message is None or len(message) <= _LANE_LIMIT):
-                answer = await _again(lambda: self._evalsha(self._submit, keys, args))
+                answer = await again(lambda: self._evalsha(self._submit, keys, args))
             elif replicas is None:
-                answer = await _again(lambda: self._submit(keys=keys, args=args))
+                answer = await again(lambda: self._submit(keys=keys, args=args))
             else:
-                answer = await _again(lambda: self._replicated(keys, args, replicas, timeout))
+                answer = await again(lambda: self._replicated(keys, args, replicas, timeout))
         outcome = Outcome(answer[0])
         return outcome, answer[1].decode() if outcome is Outcome.DUPLICATE else sub.task_id
 
@@ -227,35 +196,12 @@ class TaskStore:
         ]
         args: list[str | int] = [sub.task_id, b.expires, "1" if sub.idempotency_key else ""]
         async with self._deadline():
-            return bool(await _again(lambda: self._retract(keys=keys, args=args)))
+            return bool(await again(lambda: self._retract(keys=keys, args=args)))
 
     async def settle(self, sub: Submission, seconds: float) -> bool:
         """``retract`` within ``seconds``: True when a worker already began ``sub``. One that
-        needs longer goes on in the background while the 503 goes out, tried again until Redis
-        answers (README: "A 503 promised nothing"), and logs how it ended."""
-        settle = asyncio.get_running_loop().create_task(self._retract_until_done(sub))
-        self._settling.add(settle)
-        settle.add_done_callback(self._settling.discard)
-        try:
-            async with asyncio.timeout(max(seconds, 0)):
-                return await asyncio.shield(settle)  # a client that leaves cancels its wait only
-        except TimeoutError:
-            settle.add_done_callback(functools.partial(_settled_late, sub.task_id))
-            return False
-        except StoreUnavailable:
-            return False
-
-    async def _retract_until_done(self, sub: Submission) -> bool:
-        give_up = time.monotonic() + _LATE_SETTLE
-        delay = 0.05
-        while True:
-            try:
-                return await self.retract(sub)
-            except StoreUnavailable:
-                if time.monotonic() > give_up:
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, 1.0)
+        needs longer goes on in the background while the 503 goes out (``_web.settle``)."""
+        return await self._settles.settle(sub, seconds)
 
     def _decode_meta(self, raw: bytes) -> dict[str, Any]:
         # Plain JSON is the common case and json.loads a third of the cost of the backend's
@@ -291,12 +237,12 @@ class TaskStore:
 
     async def read(self, task_id: str) -> TaskState:
         """Everything a status answer needs, in one command and one round trip, on the
-        loop's shared pipelined connection (``_lane``). Every status request comes here: its
+        loop's shared pipelined connection (``_web.lane``). Every status request comes here: its
         deadline is written out, not ``_deadline``'s generator."""
         command = pack(b"MGET", *self._keys(task_id))
         try:
             async with asyncio.timeout(self._timeout):
-                values = await _again(lambda: self._lane.call(command))
+                values = await again(lambda: self._lane.call(command))
         except (TimeoutError, RedisError, OSError) as exc:
             raise StoreUnavailable("Redis did not answer in time") from exc
         return self._state(values)
@@ -306,45 +252,10 @@ class TaskStore:
         meanwhile, on one connection, and reads of the same task share one ``MGET``. A
         thousand waiters woken at once then cost a round trip or two, not a thousand
         connections."""
-        future = self._batch.get(task_id)
-        if future is None:
-            future = asyncio.get_running_loop().create_future()
-            self._batch[task_id] = future
-            if not self._flushing:
-                self._flushing = True
-                asyncio.get_running_loop().create_task(self._flush_all())
-        return await asyncio.shield(future)
-
-    async def _flush_all(self) -> None:
-        try:
-            await asyncio.sleep(0)  # gather the reads asked for in this turn of the loop
-            while self._batch:
-                batch, self._batch = self._batch, {}
-                await self._flush(batch)
-        finally:
-            self._flushing = False
-
-    async def _flush(self, batch: dict[str, asyncio.Future[TaskState]]) -> None:
-        try:
-            async with self._deadline(), self._redis.pipeline(transaction=False) as pipe:
-                for task_id in batch:
-                    pipe.mget(self._keys(task_id))
-                results = await pipe.execute()
-            states = [self._state(values) for values in results]
-        except BaseException as exc:
-            # Every waiter gets an answer, even when the flush itself is cancelled.
-            for future in batch.values():
-                if not future.done():
-                    future.set_exception(StoreUnavailable(str(exc)))
-            if not isinstance(exc, Exception):
-                raise  # a cancellation goes on up
-            return
-        for future, state in zip(batch.values(), states, strict=True):
-            if not future.done():
-                future.set_result(state)
+        return await self._batched.read(task_id)
 
     async def body(self, task_id: str, length: int) -> AsyncGenerator[bytes, None]:
-        """A body kept apart (``_wire.INLINE_BODY``), in pieces as they are read: through the
+        """A body kept apart (``_shared.wire.INLINE_BODY``), in pieces as they are read: through the
         pool, not the lane, where it would hold up the reads behind it. StoreUnavailable if
         it is gone meanwhile (deleted, expired) or Redis fails."""
         key = self._binding.body_key(task_id)
@@ -372,14 +283,14 @@ class TaskStore:
         ]
         async with self._deadline():
             args: list[bytes | str] = [b.record_prefix, task_id, *owners]
-            return bool(await _again(lambda: self._delete(keys=keys, args=args)))
+            return bool(await again(lambda: self._delete(keys=keys, args=args)))
 
-    @contextlib.asynccontextmanager
-    async def _deadline(self, seconds: float | None = None) -> AsyncIterator[None]:
-        # asyncio.timeout, not anyio.fail_after: redis.asyncio runs on asyncio only, and this
-        # is on every request's path, where a cancel scope costs several times more.
-        try:
-            async with asyncio.timeout(seconds or self._timeout):
-                yield
-        except (TimeoutError, RedisError, OSError) as exc:
-            raise StoreUnavailable("Redis did not answer in time") from exc
+    def _deadline(self, seconds: float | None = None) -> AbstractAsyncContextManager[None]:
+        return deadline(seconds or self._timeout)
+
+    async def _read_many(self, task_ids: list[str]) -> list[TaskState]:
+        async with self._deadline(), self._redis.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.mget(self._keys(task_id))
+            results = await pipe.execute()
+        return [self._state(values) for values in results]

@@ -15,15 +15,15 @@ from typing import Any
 from celery import Celery
 from redis.exceptions import RedisError
 
-from ._deployment import (
+from .deployment import (
     CLUSTER_REFUSED,
     backend_deployment,
     broker_deployment,
     is_cluster,
     is_redis_backend,
 )
-from ._errors import ConfigurationError as ConfigurationError
-from ._message import MessageTemplates
+from .errors import ConfigurationError as ConfigurationError
+from .message import MessageTemplates
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +75,8 @@ def hard_time_limit(
     """The replay's hard limit, checked against the broker's own redelivery.
 
     Redis hands an unacknowledged message to another consumer once its delivery time is older
-    than ``visibility_timeout``: without leases (``_lease``) a replay that may run longer would
-    run twice at once. RabbitMQ closes the channel of a consumer that holds a delivery longer
+    than ``visibility_timeout``: without leases (``_worker.lease``) a replay that may run longer
+    would run twice at once. RabbitMQ closes the channel of a consumer that holds a delivery longer
     than its ``consumer_timeout`` (30 minutes by default) and redelivers it.
     """
     hard_limit = soft_limit + HARD_LIMIT_GRACE
@@ -168,7 +168,7 @@ class Binding:
     expires: int
     # The queue list to LPUSH to when the broker is the same Redis; None: publish through Celery.
     fast_queue: str | None
-    # The messages to push there (``_message``); None without a fast queue.
+    # The messages to push there (``_shared.message``); None without a fast queue.
     messages: MessageTemplates | None
 
     @classmethod
@@ -244,7 +244,7 @@ def _fast_queue(celery_app: Celery) -> str | None:
     """The queue to push to natively, or None when a setting needs Celery's own publish path.
 
     The native push shares one Redis script with the submission record, so it is only taken when
-    the broker is that very Redis deployment (``_deployment``: the same servers, database and
+    the broker is that very Redis deployment (``_shared.deployment``: the same servers, database and
     Sentinel service, however the URLs are spelled) and nothing Celery would do on publish is
     lost: no key prefix, no priority, a plain queue from the router.
     """

@@ -28,8 +28,9 @@ from celery.concurrency.thread import ApplyResult
 from celery.concurrency.thread import TaskPool as ThreadsPool
 from kombu.serialization import loads, prepare_accept_content
 
-from ._celery import TASK_NAME
-from ._job import Job, Runtime
+from .._shared.binding import TASK_NAME
+from .job import Job
+from .runtime import Runtime
 
 #: Threads for the replays' steps before and after they run: each step is short (a Redis
 #: round trip or two), so a few serve thousands of replays; more would only contend.

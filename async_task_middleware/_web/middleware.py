@@ -9,16 +9,25 @@ from collections.abc import Iterable, Mapping
 
 from celery import Celery
 
-from . import _metrics
-from ._celery import Binding, ConfigurationError, survive_failover
-from ._deployment import CLUSTER_REFUSED
-from ._policy import Owner, SecretKey
-from ._routes import Authorize, Route, RouteTable, Submit
-from ._settings import Settings
-from ._status import status
-from ._store import TaskStore
-from ._submit import submit
-from ._types import REPLAY_KEY, WRAPPED_APPS, ASGIApp, Message, Receive, ReplayMark, Scope, Send
+from .._shared import metrics as _metrics
+from .._shared.binding import Binding, ConfigurationError, survive_failover
+from .._shared.deployment import CLUSTER_REFUSED
+from .._shared.policy import Owner, SecretKey
+from .._shared.routes import Authorize, Route, RouteTable, Submit
+from .._shared.types import (
+    REPLAY_KEY,
+    WRAPPED_APPS,
+    ASGIApp,
+    Message,
+    Receive,
+    ReplayMark,
+    Scope,
+    Send,
+)
+from .settings import Settings
+from .status import status
+from .store import TaskStore
+from .submit import submit
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +69,9 @@ class AsyncTaskMiddleware:
     - ``publish_timeout``: seconds a submission may take before it is a 503. 2.
     - ``read_timeout``: seconds a status read may take before it is a 503. 2.
     - ``retry_after``: whole seconds a client is told to wait between polls (the base: older
-      tasks get longer, see ``_status.retry_after``). 1.
+      tasks get longer, see ``_web.status.retry_after``). 1.
     - ``max_connections``: Redis connections per event loop for what does not share the one
-      pipelined connection of the status reads and small submissions (``_lane``): large
+      pipelined connection of the status reads and small submissions (``_web.lane``): large
       submissions, deletes, long polls, large result bodies; callers wait for a free one. 64.
     - ``replicas``: with a replicated Redis (Sentinel), a 303 only once this many replicas
       have the task too (Redis's ``WAIT``, within ``publish_timeout``; fewer is a 503 and the

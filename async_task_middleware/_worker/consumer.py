@@ -30,13 +30,13 @@ from typing import Any
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.transport import redis as kombu_redis
 
-from ._celery import TASK_NAME
-from ._wire import WireFormatError
+from .._shared.binding import TASK_NAME
+from .._shared.wire import WireFormatError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT = "celery.worker.consumer:Consumer"
-PATH = "async_task_middleware._consumer:Consumer"
+PATH = "async_task_middleware._worker.consumer:Consumer"
 
 
 class Consumer(CeleryConsumer):  # type: ignore[misc]

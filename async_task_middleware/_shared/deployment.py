@@ -28,7 +28,7 @@ from redis.asyncio.sentinel import (
     SentinelManagedSSLConnection,
 )
 
-from ._errors import ConfigurationError
+from .errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

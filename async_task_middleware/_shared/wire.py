@@ -54,7 +54,7 @@ def capture_request(
 ) -> dict[str, Any]:
     """The request as the client sent it, for the worker to replay, without its body (which
     ``body_base64`` encodes once, straight into the message). ``headers`` are the latin-1
-    pairs left after the credential ones were ``sealed`` (see ``_policy.split_headers``)."""
+    pairs left after the credential ones were ``sealed`` (see ``_shared.policy.split_headers``)."""
     raw_path: bytes | None = scope.get("raw_path")
     envelope = {
         "v": VERSION,

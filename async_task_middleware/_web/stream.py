@@ -5,7 +5,7 @@ An ``event: status`` (data: the 202 body) at once and on each change, then one f
 ``event: failed``, and the stream closes. A comment line every 15 s keeps proxies from closing
 an idle stream. Event ids are derived from the content, so a client reconnecting with
 ``Last-Event-ID`` is not sent again the state it already has. The stream shares the process's
-one subscription (``_events``); when it is lost, the stream reads the state at each heartbeat
+one subscription (``_web.events``); when it is lost, the stream reads the state at each heartbeat
 and subscribes again.
 """
 
@@ -17,12 +17,12 @@ import hashlib
 import json
 from typing import Any
 
-from ._metrics import waiting
-from ._state import StoreUnavailable, TaskState
-from ._store import TaskStore
-from ._types import Receive, Scope, Send
-from ._wait import disconnected
-from ._wire import WireFormatError, unpack_response
+from .._shared.metrics import waiting
+from .._shared.types import Receive, Scope, Send
+from .._shared.wire import WireFormatError, unpack_response
+from .state import StoreUnavailable, TaskState
+from .store import TaskStore
+from .wait import disconnected
 
 HEARTBEAT = 15.0
 

@@ -1,6 +1,6 @@
 """The worker side: ``register_replay`` puts the replay task on the app's Celery app.
 
-Each delivery of the task is a ``Job`` (``_job``); the checks and threads a worker needs
+Each delivery of the task is a ``Job`` (``_worker.job``); the checks and threads a worker needs
 where it starts (settings, leases, the sweeper) are set up here.
 """
 
@@ -13,9 +13,7 @@ from typing import Any
 from celery import Celery, Task
 from celery.signals import worker_init, worker_ready, worker_shutdown
 
-from . import _consumer
-from ._apps import Apps
-from ._celery import (
+from .._shared.binding import (
     HARD_LIMIT_GRACE,
     TASK_NAME,
     Binding,
@@ -24,11 +22,13 @@ from ._celery import (
     refuse_cluster,
     survive_failover,
 )
-from ._job import Runtime
-from ._lease import LeaseKeeper
-from ._policy import Keys, SecretKey
-from ._sweep import Sweeper
-from ._types import ASGIApp
+from .._shared.policy import Keys, SecretKey
+from .._shared.types import ASGIApp
+from . import consumer as _consumer
+from .apps import Apps
+from .lease import LeaseKeeper
+from .runtime import Runtime
+from .sweep import Sweeper
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def register_replay(
     of looping. ``time_limit`` (default: Celery's ``task_time_limit``, else 25 minutes) cancels
     a replay in its own event loop and fails it, on every pool; a replay that blocks the loop
     past the limit plus a grace fails too, and its process is replaced (prefork) or its loop
-    is (threads, ``ReplayPool``). With a Redis broker, ``leases`` (on by default, ``_lease``)
+    is (threads, ``ReplayPool``). With a Redis broker, ``leases`` (on by default, ``_worker.lease``)
     keep a running task's message from being handed to a second worker, whatever
     ``visibility_timeout`` is. For I/O-bound endpoints, run the worker on ``ReplayPool``.
     """
@@ -129,7 +129,7 @@ def register_replay(
 
 def _watch_worker(celery_app: Celery, leases: bool) -> None:
     """Where the worker starts: check its final settings, keep its leases, and sweep for
-    what Redis or a killed worker dropped (``_sweep``)."""
+    what Redis or a killed worker dropped (``_worker.sweep``)."""
     threads: list[LeaseKeeper | Sweeper] = []
 
     def check_settings(sender: Any, **_: Any) -> None:

@@ -2,7 +2,7 @@
 
 A task owned by someone else, an unknown one and a malformed id get the very same 404: the
 status URL reveals nothing to whoever does not own the task. ``Prefer: wait=N`` makes a ``GET``
-a long poll (``_wait``); ``Accept: text/event-stream`` an event stream (``_stream``).
+a long poll (``_web.wait``); ``Accept: text/event-stream`` an event stream (``_web.stream``).
 """
 
 from __future__ import annotations
@@ -14,17 +14,17 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ._celery import Binding
-from ._headers import parse_prefer
-from ._responses import Problem, send_json, send_problem, send_response
-from ._routes import STATUS_METHODS, Route, Status
-from ._settings import Settings, authorized, location
-from ._state import StoreUnavailable, TaskState
-from ._store import TaskStore
-from ._stream import stream_events, wants_event_stream
-from ._types import Receive, Scope, Send
-from ._wait import wait_for_end
-from ._wire import WireFormatError, unpack_response
+from .._shared.binding import Binding
+from .._shared.routes import STATUS_METHODS, Route, Status
+from .._shared.types import Receive, Scope, Send
+from .._shared.wire import WireFormatError, unpack_response
+from .headers import parse_prefer
+from .responses import Problem, send_json, send_problem, send_response
+from .settings import Settings, authorized, location
+from .state import StoreUnavailable, TaskState
+from .store import TaskStore
+from .stream import stream_events, wants_event_stream
+from .wait import wait_for_end
 
 logger = logging.getLogger(__name__)
 

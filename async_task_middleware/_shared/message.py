@@ -22,7 +22,7 @@ from typing import Any
 
 from celery import Celery
 
-from ._wire import body_base64
+from .wire import body_base64
 
 _ID, _TAG, _REQUEST = range(3)
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._scripts import FAILED
+from .._shared.scripts import FAILED
 
 
 class StoreUnavailable(Exception):
@@ -49,7 +49,7 @@ _FAILED_STATES = frozenset({"FAILURE", "REVOKED", "REJECTED"})
 @dataclass(frozen=True)
 class TaskState:
     """A status read: the record (None: unknown), the outcome (a packed response or
-    ``_scripts.FAILED``), Celery's meta (progress, failure details; decoded only when asked
+    ``_shared.scripts.FAILED``), Celery's meta (progress, failure details; decoded only when asked
     for, which a finished task's poll never does), and whether a worker runs the task now
     (``live``) or ran it before (``began``: no heartbeat now means it waits to be delivered
     again)."""

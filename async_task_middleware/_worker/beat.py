@@ -22,8 +22,8 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from . import _scripts
-from ._celery import Binding
+from .._shared import scripts as _scripts
+from .._shared.binding import Binding
 
 logger = logging.getLogger(__name__)
 

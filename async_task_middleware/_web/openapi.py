@@ -14,9 +14,9 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from ._errors import ConfigurationError
-from ._responses import TYPE_PREFIX
-from ._routes import parse_route
+from .._shared.errors import ConfigurationError
+from .._shared.routes import parse_route
+from .responses import TYPE_PREFIX
 
 _PROBLEM = {"$ref": "#/components/schemas/AsyncTaskProblem"}
 _STATUS = {"$ref": "#/components/schemas/AsyncTaskStatus"}

@@ -17,9 +17,9 @@ from typing import Any
 
 from celery.signals import worker_process_shutdown
 
-from ._apps import worker_logging_kept
-from ._progress import reporting_to
-from ._types import ASGIApp, Message
+from .._shared.types import ASGIApp, Message
+from .apps import worker_logging_kept
+from .progress import reporting_to
 
 logger = logging.getLogger(__name__)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from ._errors import ConfigurationError
-from ._loop import process_loop
-from ._types import REPLAY_KEY, WRAPPED_APPS, ASGIApp, Message, ReplayMark
-from ._wire import pack_response, request_scope
+from .._shared.errors import ConfigurationError
+from .._shared.types import REPLAY_KEY, WRAPPED_APPS, ASGIApp, Message, ReplayMark
+from .._shared.wire import pack_response, request_scope
+from .loop import process_loop
 
 
 class ResponseTooLarge(Exception):

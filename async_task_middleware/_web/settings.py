@@ -9,9 +9,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ._celery import ConfigurationError
-from ._policy import CREDENTIAL_HEADERS, Keys, Owner, SecretKey
-from ._routes import Route
+from .._shared.binding import ConfigurationError
+from .._shared.policy import CREDENTIAL_HEADERS, Keys, Owner, SecretKey
+from .._shared.routes import Route
 
 _MiB = 1024 * 1024
 

@@ -1,6 +1,6 @@
 """Waiting for a task to end, for ``Prefer: wait`` on a submission or a status URL.
 
-The waiter listens on the task's channel (``_events``), reads the state once the subscription
+The waiter listens on the task's channel (``_web.events``), reads the state once the subscription
 is confirmed, and again on each note, until the task ends or the wait runs out; then it reads
 once more. A client that disconnects ends the wait at once and frees what it held.
 """
@@ -11,11 +11,11 @@ import asyncio
 import contextlib
 from typing import Any
 
-from ._events import Note
-from ._metrics import waiting
-from ._state import TaskState
-from ._store import TaskStore
-from ._types import Receive
+from .._shared.metrics import waiting
+from .._shared.types import Receive
+from .events import Note
+from .state import TaskState
+from .store import TaskStore
 
 # How long a waiter waits for Redis to confirm its subscription before it reads anyway.
 _CONFIRM_TIMEOUT = 1.0
