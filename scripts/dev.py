@@ -208,11 +208,11 @@ def example(args: argparse.Namespace) -> None:
 OTHER_PYTHONS = ("3.12", "3.13")
 #: Every framework, server and protocol path end to end: lean enough to run once per Python.
 END_TO_END = [
-    "tests/test_wordcount.py",
-    "tests/test_servers.py",
-    "tests/test_protocol.py",
-    "tests/test_replay.py",
-    "tests/test_pool.py",
+    "tests/asgi/test_wordcount.py",
+    "tests/e2e/test_servers.py",
+    "tests/asgi/test_protocol.py",
+    "tests/asgi/test_replay.py",
+    "tests/e2e/test_pool.py",
 ]
 
 
@@ -250,7 +250,11 @@ def test(pytest_args: list[str]) -> None:
         # The core protocol suite with RabbitMQ as the broker (Redis stays the result
         # backend), when one listens on the standard port; then everything with Redis.
         if listening(5672):
-            core = ["tests/test_wordcount.py", "tests/test_replay.py", "tests/test_delivery.py"]
+            core = [
+                "tests/asgi/test_wordcount.py",
+                "tests/asgi/test_replay.py",
+                "tests/asgi/test_delivery.py",
+            ]
             steps.append(([*pytest, *core], {"ATM_TEST_BROKER_URL": RABBITMQ_URL}))
         else:
             say("no RabbitMQ on 127.0.0.1:5672: the RabbitMQ run is skipped")

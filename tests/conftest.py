@@ -12,6 +12,7 @@ import re
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -57,6 +58,33 @@ def worker(redis_server: RedisServer, logdir: Path) -> Iterator[Worker]:
     proc = Worker("tests.worker", {"REDIS_URL": redis_server.url}, logdir / "worker.log").start()
     yield proc
     proc.stop()
+
+
+@contextlib.contextmanager
+def private_worker(
+    directory: Path, env: dict[str, str] | None = None, **options: Any
+) -> Iterator[tuple[RedisServer, Worker]]:
+    """A Redis of its own and a ``tests.worker`` serving only it (Redis as the broker too),
+    its files in ``directory``; ``env`` and ``options`` (``pool``, ...) are the worker's."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with RedisServer(directory / "redis") as server:
+        worker_env = {"REDIS_URL": server.url, "BROKER_URL": "", **(env or {})}
+        proc = Worker("tests.worker", worker_env, directory / "worker.log", **options).start()
+        try:
+            yield server, proc
+        finally:
+            proc.stop()
+
+
+#: The test levels, one folder each; a test is marked with its folder's (``pytest -m unit``).
+LEVELS = ("unit", "asgi", "e2e", "faults")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        level = item.path.parent.name
+        if level in LEVELS:
+            item.add_marker(level)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from celery import Celery
 from async_task_middleware import ConfigurationError, register_replay
 from tests._servers import ROOT, RedisServer, Worker, free_port, wait_for
 from tests.apps import build_probe
-from tests.conftest import final, make_client, submit
+from tests.conftest import final, make_client, private_worker, submit
 
 pytestmark = pytest.mark.anyio
 
@@ -47,22 +47,20 @@ async def test_poison_request_fails_after_max_attempts(
 
 
 @pytest.fixture(scope="module")
-def own_redis(logdir: Path) -> Iterator[RedisServer]:
-    with RedisServer(logdir / "delivery-redis") as server:
-        yield server
+def own_redis_and_worker(logdir: Path) -> Iterator[tuple[RedisServer, Worker]]:
+    env = {"ATM_TEST_TIME_LIMIT": str(TIME_LIMIT), "ATM_TEST_RESULT_EXPIRES": str(EXPIRES)}
+    with private_worker(logdir / "delivery", env) as servers:
+        yield servers
 
 
 @pytest.fixture(scope="module")
-def own_worker(own_redis: RedisServer, logdir: Path) -> Iterator[Worker]:
-    env = {
-        "REDIS_URL": own_redis.url,
-        "BROKER_URL": "",
-        "ATM_TEST_TIME_LIMIT": str(TIME_LIMIT),
-        "ATM_TEST_RESULT_EXPIRES": str(EXPIRES),
-    }
-    proc = Worker("tests.worker", env, logdir / "delivery-worker.log").start()
-    yield proc
-    proc.stop()
+def own_redis(own_redis_and_worker: tuple[RedisServer, Worker]) -> RedisServer:
+    return own_redis_and_worker[0]
+
+
+@pytest.fixture(scope="module")
+def own_worker(own_redis_and_worker: tuple[RedisServer, Worker]) -> Worker:
+    return own_redis_and_worker[1]
 
 
 @pytest.fixture

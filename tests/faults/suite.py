@@ -1,7 +1,7 @@
 """The fault-injection suite: real Redis, real workers, killed and paused while requests flow.
 
     python -m tests.faults            # the long version: 1,000 submissions per scenario
-    python -m tests.faults --short    # what CI runs (through tests/test_fault_suite.py)
+    python -m tests.faults --short    # what CI runs (through tests/faults/test_fault_suite.py)
 
 Every scenario submits requests to the probe app's ``POST /mark`` (each counts its runs in
 Redis under a key of its own and answers with that key), does its damage meanwhile, then polls
@@ -366,7 +366,7 @@ def rabbitmq_up() -> bool:
 
 def cases(*, long: bool = True) -> list[tuple[str, str]]:
     """The scenarios to run; ``long=False`` leaves out the one that takes five visibility
-    timeouts (the test suite checks the same with a 4 s timeout, in tests/test_runtime.py)."""
+    timeouts (the test suite checks the same with a 4 s timeout, in tests/e2e/test_runtime.py)."""
     return [
         (name, broker)
         for name, (_, brokers) in SCENARIOS.items()

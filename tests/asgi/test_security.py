@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from async_task_middleware import Route, header_owner
 from tests._servers import RedisServer, Worker
 from tests.apps import build_probe
-from tests.conftest import SWEEP_KEYS, final, make_client, submit
+from tests.conftest import SWEEP_KEYS, final, make_client, private_worker, submit
 
 pytestmark = pytest.mark.anyio
 
@@ -350,17 +350,12 @@ PAUSED_DEADLINE = 0.5
 
 
 @pytest.fixture
-async def paused_store(
-    private_redis: RedisServer, tmp_path: Path
-) -> AsyncIterator[tuple[RedisServer, Any]]:
+async def paused_store(tmp_path: Path) -> AsyncIterator[tuple[RedisServer, Any]]:
     """The probe app and a real worker on a private Redis; the web side's deadline is short."""
-    worker = Worker("tests.worker", {"REDIS_URL": private_redis.url}, tmp_path / "w.log").start()
-    try:
-        celery_app = Celery("paused", broker=private_redis.url, backend=private_redis.url)
+    with private_worker(tmp_path) as (server, _):
+        celery_app = Celery("paused", broker=server.url, backend=server.url)
         app = build_probe(celery_app, publish_timeout=PAUSED_DEADLINE, read_timeout=0.3)
-        yield private_redis, app
-    finally:
-        worker.stop()
+        yield server, app
 
 
 async def test_a_503_never_runs_even_when_the_script_lands_late(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults import cases, run
+from tests.faults.suite import cases, run
 
 pytestmark = pytest.mark.anyio
 

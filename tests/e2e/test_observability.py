@@ -15,7 +15,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 
 from tests._servers import RedisServer, Worker, free_port
-from tests.conftest import final, make_client, submit
+from tests.conftest import final, make_client, private_worker, submit
 
 pytestmark = pytest.mark.anyio
 
@@ -55,15 +55,10 @@ async def test_the_web_side_counts_answers_and_waiters(worker: object) -> None:
 
 @pytest.fixture(scope="module")
 def metered_worker(logdir: Path) -> Iterator[tuple[RedisServer, int]]:
-    with RedisServer(logdir / "metrics-redis") as server:
-        port = free_port()
-        env = {"REDIS_URL": server.url, "BROKER_URL": "", "ATM_TEST_METRICS_PORT": str(port)}
-        proc = Worker("tests.worker", env, logdir / "metrics-worker.log", pool="threads")
-        proc.start()
-        try:
-            yield server, port
-        finally:
-            proc.stop()
+    port = free_port()
+    env = {"ATM_TEST_METRICS_PORT": str(port)}
+    with private_worker(logdir / "metrics", env, pool="threads") as (server, _):
+        yield server, port
 
 
 async def test_the_worker_times_queue_waits_and_replays(

@@ -22,7 +22,7 @@ from celery.result import AsyncResult
 from tests._servers import RedisServer, Worker
 from tests.apps import build_probe
 from tests.conftest import final, make_client, runs, submit
-from tests.faults import RABBITMQ_URL, rabbitmq_up
+from tests.faults.suite import RABBITMQ_URL, rabbitmq_up
 
 pytestmark = pytest.mark.anyio
 
