@@ -2,10 +2,11 @@
 
     python3 scripts/dev.py bench [--seconds 3] [--rounds 3] [--only SECTION]
 
-``--only targets`` prints the worker's targets against the baselines that bound them. Needs
-``wrk`` (Debian: ``apt-get install wrk``). Starts a private Redis, one uvicorn process per
-contender (uvloop + httptools), and interleaves the contenders round by round so that drift of
-a noisy machine hits them alike; the table shows the median of the rounds.
+``--only targets`` prints the worker's targets against the baselines that bound them. The
+plots go to ``docs/assets/bench`` (``--plots DIR``), where the docs' benchmark page shows
+them. Needs ``wrk`` (Debian: ``apt-get install wrk``). Starts a private Redis, one uvicorn
+process per contender (uvloop + httptools), and interleaves the contenders round by round so
+that drift of a noisy machine hits them alike; the table shows the median of the rounds.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import httpx
 import redis
 from celery import Celery
 
+from benchmarks import plots
 from benchmarks.baseline_worker import SLEEPS_DONE
 from tests._servers import RedisServer, Uvicorn, Worker, wait_for
 
@@ -647,6 +649,7 @@ def _throughput(suite: Suite, args: argparse.Namespace) -> None:
     results = suite.throughput()
     suite.unwrapped_rps = dict(results)["unmarked, bare ASGI"]["unwrapped"].rps
     print(table(results), "\n", flush=True)
+    plots.throughput(results, args.plots)
 
 
 def _pass_through(suite: Suite, args: argparse.Namespace) -> None:
@@ -672,6 +675,7 @@ def _lag(suite: Suite, args: argparse.Namespace) -> None:
 
 def _drain(suite: Suite, args: argparse.Namespace) -> None:
     rates, (rss_first, rss_last) = suite.drain(args.drain)
+    plots.drain(rates, args.plots)
     drain = {label: statistics.median(values) for label, values in rates.items()}
     durable = drain["plain task, same delivery settings"]
     endpoint = drain["plain task through the endpoint"]
@@ -814,9 +818,12 @@ def _targets(suite: Suite, args: argparse.Namespace) -> None:
         f"median {median:.2f}x ({_verdict(median, 0.9)})",
         flush=True,
     )
+    measured: dict[int, tuple[list[float], list[float]]] = {}
     for count in args.io:
         ratios: list[float] = []
         lasts: list[float] = []
+        alones: list[float] = []
+        measured[count] = (lasts, alones)
         profile = suite.tmp / f"io-{count}.raw" if count == max(args.io) else None
         for round_ in range(suite.rounds):
             last_round = round_ == suite.rounds - 1
@@ -825,6 +832,7 @@ def _targets(suite: Suite, args: argparse.Namespace) -> None:
             alone = suite.io_celery_alone(count)["last after submission"]
             ratios.append(replay / alone)
             lasts.append(replay)
+            alones.append(alone)
         median, last = statistics.median(ratios), statistics.median(lasts)
         line = (
             f"target 2, {count:,} I/O-bound replays (replay pool) / Celery alone with {count:,} "
@@ -843,6 +851,7 @@ def _targets(suite: Suite, args: argparse.Namespace) -> None:
                 f"{shares}",
                 flush=True,
             )
+    plots.io_bound(measured, args.plots)
 
 
 SECTIONS: dict[str, Callable[[Suite, argparse.Namespace], None]] = {
@@ -872,6 +881,9 @@ def main() -> None:
     parser.add_argument("--large-mib", type=int, default=10)
     parser.add_argument("--rss-requests", type=int, default=100_000)
     parser.add_argument("--only", choices=tuple(SECTIONS))
+    parser.add_argument(
+        "--plots", type=Path, default=plots.OUT, help="where the plots go (the docs read them)"
+    )
     args = parser.parse_args()
     needs_wrk = args.only in (None, "throughput", "lag", "large", "rss")
     if needs_wrk and not shutil.which("wrk"):

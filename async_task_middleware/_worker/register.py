@@ -54,20 +54,38 @@ def register_replay(
 ) -> Task:
     """Register the replay task on ``celery_app``; one worker serves every app in ``apps``.
 
-    ``apps`` maps the ``name=`` each app's middleware was given to the app itself or to its
-    import string (``"myproject.main:app"``, imported in the worker process on first use, which
-    also avoids an import cycle between the app and the module that makes the Celery app).
-    ``secret_key`` is the middleware's: it opens the credential headers sealed at submission.
-
     The task is late-acknowledged and re-queued when its worker process dies, so a request
-    may run more than once: endpoints on marked routes should be idempotent. A request whose
-    worker dies ``max_attempts`` times (one that kills it, say) then fails with a 500 instead
-    of looping. ``time_limit`` (default: Celery's ``task_time_limit``, else 25 minutes) cancels
-    a replay in its own event loop and fails it, on every pool; a replay that blocks the loop
-    past the limit plus a grace fails too, and its process is replaced (prefork) or its loop
-    is (threads, ``ReplayPool``). With a Redis broker, ``leases`` (on by default, ``_worker.lease``)
-    keep a running task's message from being handed to a second worker, whatever
-    ``visibility_timeout`` is. For I/O-bound endpoints, run the worker on ``ReplayPool``.
+    may run more than once: endpoints on marked routes should be idempotent. For I/O-bound
+    endpoints, run the worker on ``ReplayPool``.
+
+    Args:
+        celery_app: The Celery app the web side's middleware was given.
+        apps: Maps the ``name=`` each app's middleware was given to the app itself or to its
+            import string (``"myproject.main:app"``, imported in the worker process on first
+            use, which also avoids an import cycle between the app and the module that makes
+            the Celery app).
+        secret_key: The middleware's: opens the credential headers sealed at submission; a
+            task that carries them fails (``SealError``) on a worker without it.
+        max_attempts: Deliveries a task gets: a request whose worker died on each (one that
+            kills it, say) then fails with a 500 instead of looping.
+        time_limit: Seconds a replay may run (default: Celery's ``task_time_limit``, else 1500 s,
+            under RabbitMQ's default ``consumer_timeout``): it is cancelled in its own event
+            loop and fails (``ReplayTimeLimit``), on every pool. A replay that blocks its loop
+            past the limit is failed 5 s later (``LoopBlocked``) and its process (prefork) or
+            loop (threads, ``ReplayPool``) replaced.
+        max_response_size: Bytes; a larger response fails the task (``ResponseTooLarge``).
+        lifespan_timeout: Seconds for the app's lifespan startup and shutdown in the worker.
+        cancel_check_interval: How often, in seconds, the worker process renews its running
+            replays' heartbeats and records (one script call per 500 replays) and stops those
+            that were deleted.
+        leases: With a Redis broker, renew the claim on every message the worker holds
+            (``_worker.lease``), so that no running task's message is handed to a second
+            worker, whatever ``visibility_timeout`` is.
+        amqp_consumer_timeout: RabbitMQ's ``consumer_timeout`` as the server is set, in
+            seconds; the hard time limit must stay below it.
+
+    Returns:
+        The registered Celery task.
     """
     if not apps:
         raise ConfigurationError("register_replay(apps=...) is empty: name at least one app")

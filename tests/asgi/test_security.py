@@ -391,7 +391,9 @@ async def test_a_503_never_runs_even_when_the_script_lands_late(
             await anyio.sleep(3 * PAUSED_DEADLINE)
             server.resume()
         for key, location in locations.items():
-            assert (await final(client, location)).status_code == 200, key
+            # Reads right after the pause may miss the short read deadline: polled again.
+            response = await final(client, location, through_503=True)
+            assert response.status_code == 200, key
     refused = [key for key, code in answers.items() if code == 503]
     assert refused, answers  # the pause did refuse some
     assert set(answers.values()) <= {303, 503}

@@ -3,8 +3,6 @@ clicked as a user would: a file counted with live progress, and a queued task ca
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -13,22 +11,6 @@ import pytest
 from tests._servers import RedisServer, Uvicorn
 
 pytestmark = pytest.mark.anyio
-
-CHROMIUM = shutil.which("chromium")
-if CHROMIUM is None:  # scripts/dev.py test installs Debian's chromium where it can
-    pytest.skip("no chromium on PATH", allow_module_level=True)
-
-playwright = pytest.importorskip("playwright.async_api")
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[object]:
-    async with playwright.async_playwright() as p:
-        launched = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        try:
-            yield launched
-        finally:
-            await launched.close()
 
 
 async def test_the_page_counts_a_file_with_live_progress(

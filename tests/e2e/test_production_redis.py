@@ -457,7 +457,7 @@ def test_a_cluster_is_refused_at_the_worker_start(cluster_node: RedisServer, log
 
 # --- ACL users -------------------------------------------------------------------------------
 
-#: The README's rules: the least a Redis user needs on the web side and on the worker side
+#: The deployment docs' rules: the least a Redis user needs on the web side and on the worker side
 #: (the word-count example: Celery's default queue ``celery``, database 0).
 WEB_RULES = (
     "resetkeys ~async-task-middleware-* ~celery-task-meta-* ~celery "
@@ -475,7 +475,7 @@ WORKER_RULES = (
 
 
 async def test_acl_users_with_the_documented_rules_run_the_word_count(logdir: Path) -> None:
-    """A web user and a worker user with only the README's rules: the word count runs end to
+    """A web user and a worker user with only the deployment docs' rules: the word count runs end to
     end, and the web user cannot touch what it does not need."""
     with RedisServer(logdir / "acl-redis") as server:
         admin = redis.Redis(port=server.port)

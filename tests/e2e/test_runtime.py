@@ -167,7 +167,7 @@ async def test_a_lifespan_startup_past_its_timeout_fails_the_task(
 async def test_hundreds_of_io_bound_replays_in_one_worker_process(
     client: httpx.AsyncClient, private_redis: RedisServer, tmp_path: Path, pool: str
 ) -> None:
-    """The command the README gives for I/O-bound endpoints (the replay pool, ``-c 500``), and
+    """The command the docs give for I/O-bound endpoints (the replay pool, ``-c 500``), and
     Celery's threads pool: 500 replays of an endpoint that awaits 1 s, on one worker process,
     in a few seconds."""
     worker = worker_on(private_redis, tmp_path / "w.log", pool, concurrency="500").start()
@@ -177,7 +177,7 @@ async def test_hundreds_of_io_bound_replays_in_one_worker_process(
         submitted = time.monotonic() - started
 
         async def done(location: str) -> None:
-            # Long polls, as the README recommends for many waiters; a 503 (the store slower
+            # Long polls, as the docs recommend for many waiters; a 503 (the store slower
             # than its deadline on a saturated machine) means "ask again".
             with anyio.fail_after(60):
                 while True:

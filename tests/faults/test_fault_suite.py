@@ -1,6 +1,6 @@
 """The short fault-injection suite (100 submissions per scenario): nothing lost, ever.
 
-The long version is ``python3 scripts/dev.py faults``; the README shows its table.
+The long version is ``python3 scripts/dev.py faults``; docs/operations.md shows its table.
 """
 
 from __future__ import annotations
