@@ -19,6 +19,7 @@ The exceptions, all raised at start or in the worker, never to an HTTP client::
 from ._shared.binding import ConfigurationError
 from ._shared.policy import SealError, header_owner
 from ._shared.routes import Route
+from ._shared.webhooks import Webhooks
 from ._shared.wire import WireFormatError
 from ._web.middleware import AsyncTaskMiddleware
 from ._web.openapi import document_tasks, tasks_openapi
@@ -42,6 +43,7 @@ __all__ = [
     "Route",
     "SealError",
     "TaskCancelled",
+    "Webhooks",
     "WireFormatError",
     "document_tasks",
     "header_owner",

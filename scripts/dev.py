@@ -63,7 +63,8 @@ def ensure_venv(venv: Path = VENV, base: str = sys.executable) -> Path:
     say(f"installing the project with its examples and test extras into {venv.name}")
     pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     subprocess.run([*pip, "--upgrade", "pip"], check=True, cwd=ROOT)
-    subprocess.run([*pip, "-e", ".[client,metrics,examples,docs,test,bench]"], check=True, cwd=ROOT)
+    extras = "client,metrics,webhooks,examples,docs,test,bench"
+    subprocess.run([*pip, "-e", f".[{extras}]"], check=True, cwd=ROOT)
     stamp.write_text(wanted)
     return python
 

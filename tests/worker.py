@@ -4,7 +4,7 @@ import os
 
 from celery import Celery
 
-from async_task_middleware import register_replay
+from async_task_middleware import Webhooks, register_replay
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 SECRET_KEY = os.environ["ATM_SECRET_KEY"]
@@ -53,6 +53,14 @@ register_replay(
     lifespan_timeout=float(os.environ.get("ATM_TEST_LIFESPAN_TIMEOUT", 30)),
     leases=os.environ.get("ATM_TEST_LEASES", "1") == "1",
     max_attempts=2,
+    # Webhooks for the webhook tests' own worker: a short timeout and schedule.
+    webhooks=Webhooks(
+        secret=os.environ["ATM_TEST_WEBHOOK_SECRET"],
+        timeout=float(os.environ.get("ATM_TEST_WEBHOOK_TIMEOUT", 1)),
+        schedule=(0.3, 0.3, 0.3),
+    )
+    if os.environ.get("ATM_TEST_WEBHOOK_SECRET")
+    else None,
 )
 
 if os.environ.get("ATM_TEST_LATE_EXTENDED"):

@@ -106,10 +106,11 @@ return 0
 # DELETE on the status URL: only by the owner (or anyone, for an anonymous task).
 # KEYS: record, meta, attempts, result, heartbeat, message copy, body
 # ARGV: key prefix, task id, the requester's owner hashes (none: anonymous)
-# -> 1 deleted, 0 unknown (or someone else's: the same answer)
+# -> {1, the record's webhook as JSON when the task had not ended ('' otherwise)} deleted,
+#    {0, ''} unknown (or someone else's: the same answer)
 DELETE = """
 local raw = redis.call('GET', KEYS[1])
-if not raw then return 0 end
+if not raw then return {0, ''} end
 local record = cjson.decode(raw)
 local owner = record['owner']
 if type(owner) == 'string' then
@@ -117,15 +118,19 @@ if type(owner) == 'string' then
   for i = 3, #ARGV do
     if ARGV[i] == owner then allowed = true end
   end
-  if not allowed then return 0 end
+  if not allowed then return {0, ''} end
   redis.call('ZREM', ARGV[1] .. 'owner-' .. owner, ARGV[2])
+end
+local hook = ''
+if type(record['webhook']) == 'table' and redis.call('EXISTS', KEYS[4]) == 0 then
+  hook = cjson.encode(record['webhook'])
 end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7])
 if type(record['idempotency']) == 'string' then redis.call('DEL', record['idempotency']) end
 if type(record['app']) == 'string' and type(record['route']) == 'string' then
   redis.call('ZREM', ARGV[1] .. 'queued-' .. record['app'] .. ' ' .. record['route'], ARGV[2])
 end
-return 1
+return {1, hook}
 """
 
 # The worker, before a replay: count the delivery, leave the route's queued set, start the
@@ -171,9 +176,13 @@ return alive
 # heartbeat, leave the owner's set; and for a success, Celery's own result meta, as Celery's
 # backend writes it (set, then published on its key). A large body goes first, so that no one
 # reads a result without it.
-# KEYS: record, result, owner set, heartbeat, body, Celery's meta
+# With a completion webhook on the native Redis broker, its delivery's message goes onto the
+# webhook queue in the same call: a worker killed right after the outcome loses no event.
+# KEYS: record, result, owner set, heartbeat, body, Celery's meta, webhook queue (the record's
+#       when none)
 # ARGV: outcome, lifetime, task id, events channel, body kept apart ('' = none),
-#       Celery's meta ('' = none: a failure's is Celery's own, written before)
+#       Celery's meta ('' = none: a failure's is Celery's own, written before),
+#       the webhook delivery's message ('' = none)
 # -> 1 stored, 0 the record is gone (deleted while running: nothing is kept)
 FINISH = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -187,6 +196,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('DEL', KEYS[4])
 redis.call('ZREM', KEYS[3], ARGV[3])
 redis.call('PUBLISH', ARGV[4], 'done')
+if ARGV[7] ~= '' then redis.call('LPUSH', KEYS[7], ARGV[7]) end
 return 1
 """
 

@@ -24,6 +24,7 @@ from .._shared.types import (
     Scope,
     Send,
 )
+from .._shared.webhooks import Webhooks
 from .settings import Settings
 from .status import status
 from .store import TaskStore
@@ -98,6 +99,8 @@ class AsyncTaskMiddleware:
             task is taken back): a master that dies right after the 303 then loses nothing. It
             costs the replication round trip on every submission. ``None``: the master's word
             is enough.
+        webhooks: Where a submission's ``Webhook-URL`` may point (``Webhooks(allow=...)``);
+            ``None``: webhooks are off, and a submission that asks for one is a 400.
         debug: Put the exception type and message of a failed task in its 500.
     """
 
@@ -124,6 +127,7 @@ class AsyncTaskMiddleware:
         retry_after: int = 1,
         max_connections: int = 64,
         replicas: int | None = None,
+        webhooks: Webhooks | None = None,
         debug: bool = False,
     ) -> None:
         self.app = app
@@ -145,6 +149,7 @@ class AsyncTaskMiddleware:
             submit_status=submit_status,
             location_base=location_base,
             replicas=replicas,
+            webhooks=webhooks,
         )
         if authorize is not None and not callable(authorize):
             raise ConfigurationError(f"authorize={authorize!r}: it must be a function of the scope")

@@ -15,10 +15,12 @@ TYPE_PREFIX = "urn:async-task-middleware:problem:"
 
 class Problem(enum.Enum):
     """Every error the middleware answers itself: a stable ``type`` per kind (RFC 9457), so a
-    client can tell them apart without parsing titles. docs/protocol.md lists them with examples."""
+    client can tell them apart without parsing titles. docs/protocol.md lists them with
+    examples."""
 
     BAD_REQUEST = (400, "bad-request", "Bad Request")
     BAD_IDEMPOTENCY_KEY = (400, "bad-idempotency-key", "Malformed Idempotency-Key")
+    BAD_WEBHOOK = (400, "bad-webhook", "Webhook refused")
     UNAUTHORIZED = (401, "unauthorized", "Unauthorized")
     NOT_FOUND = (404, "not-found", "Not Found")
     METHOD_NOT_ALLOWED = (405, "method-not-allowed", "Method Not Allowed")

@@ -12,6 +12,7 @@ from typing import Any
 from .._shared.binding import ConfigurationError
 from .._shared.policy import CREDENTIAL_HEADERS, Keys, Owner, SecretKey
 from .._shared.routes import Route
+from .._shared.webhooks import Webhooks
 
 _MiB = 1024 * 1024
 
@@ -50,6 +51,7 @@ class Settings:
     submit_status: int
     location_base: str | None
     replicas: int | None
+    webhooks: Webhooks | None = None
 
     @classmethod
     def check(
@@ -72,6 +74,7 @@ class Settings:
         submit_status: Any,
         location_base: Any,
         replicas: Any = None,
+        webhooks: Any = None,
     ) -> Settings:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"name={name!r}: it must be a non-empty string")
@@ -100,6 +103,8 @@ class Settings:
                     "'https://api.example.com'"
                 )
             location_base = location_base.rstrip("/")
+        if webhooks is not None and not isinstance(webhooks, Webhooks):
+            raise ConfigurationError(f"webhooks={webhooks!r}: it must be a Webhooks(...)")
         if max_tasks_per_owner is not None and owner is None:
             raise ConfigurationError("max_tasks_per_owner= needs owner= to tell owners apart")
         return cls(
@@ -125,6 +130,7 @@ class Settings:
             max_wait=positive_number("max_wait", max_wait),
             submit_status=submit_status,
             location_base=location_base,
+            webhooks=webhooks,
         )
 
     def owner_tags(self, scope: Mapping[str, Any]) -> list[str]:
@@ -138,10 +144,13 @@ class Settings:
         return self.keys.owner_tags(identity.encode() if isinstance(identity, str) else identity)
 
 
-def location(settings: Settings, scope: Mapping[str, Any], path: str) -> bytes:
+def location(
+    settings: Settings, scope: Mapping[str, Any], path: str, base: str | None = None
+) -> bytes:
     """The ``Location`` (and ``Content-Location``) of a status URL: the path, or absolute on
-    ``location_base`` (a fixed base, or ``"request"``: the request's own scheme and host)."""
-    base = settings.location_base
+    ``location_base`` (a fixed base, or ``"request"``: the request's own scheme and host);
+    ``base`` in its place when given."""
+    base = base or settings.location_base
     if base is None:
         return path.encode()
     if base == "request":

@@ -41,6 +41,7 @@ class Submission:
     queue: str | None = None
     idempotency_key: bytes | None = None  # the Redis key, not the client's
     fingerprint: str = ""
+    webhook: dict[str, Any] | None = None  # kept in the record, for a DELETE's event
 
 
 _FAILED_STATES = frozenset({"FAILURE", "REVOKED", "REJECTED"})

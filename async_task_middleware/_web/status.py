@@ -17,8 +17,10 @@ from typing import Any
 from .._shared.binding import Binding
 from .._shared.routes import STATUS_METHODS, Route, Status
 from .._shared.types import Receive, Scope, Send
+from .._shared.webhooks import wants
 from .._shared.wire import WireFormatError, unpack_response
 from .headers import parse_prefer
+from .hooks import send_cancelled
 from .responses import Problem, send_json, send_problem, send_response
 from .settings import Settings, authorized, location
 from .state import StoreUnavailable, TaskState
@@ -70,8 +72,11 @@ async def status(
     extra: list[tuple[bytes, bytes]] = []
     try:
         if method == "DELETE":
-            if await store.delete(task_id, tags):
+            deleted, hook = await store.delete(task_id, tags)
+            if deleted:
                 await send_response(send, 204, [], b"")
+                if hook is not None and wants(hook, "completed"):
+                    await send_cancelled(binding, settings, hook, task_id)
             else:
                 await send_problem(send, Problem.NOT_FOUND, instance)
             return

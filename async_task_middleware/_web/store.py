@@ -94,6 +94,8 @@ class TaskStore:
             "route": sub.route,
             "owner": sub.owner,
         }
+        if sub.webhook is not None:
+            record["webhook"] = sub.webhook
         if sub.idempotency_key is not None:
             record["idempotency"] = sub.idempotency_key.decode()
         record_key = b.record_key(sub.task_id)
@@ -267,10 +269,10 @@ class TaskStore:
                 raise StoreUnavailable("the result's body is gone")
             yield piece
 
-    async def delete(self, task_id: str, owners: list[str]) -> bool:
+    async def delete(self, task_id: str, owners: list[str]) -> tuple[bool, dict[str, Any] | None]:
         """Forget the task if ``owners`` may (any of the requester's owner hashes; none for an
-        anonymous requester); True when it was deleted. The worker sees the record gone and
-        drops or stops the task."""
+        anonymous requester): whether it was deleted, and the webhook of a task deleted before
+        it ended. The worker sees the record gone and drops or stops the task."""
         b = self._binding
         keys = [
             b.record_key(task_id),
@@ -283,7 +285,8 @@ class TaskStore:
         ]
         async with self._deadline():
             args: list[bytes | str] = [b.record_prefix, task_id, *owners]
-            return bool(await again(lambda: self._delete(keys=keys, args=args)))
+            deleted, hook = await again(lambda: self._delete(keys=keys, args=args))
+        return bool(deleted), json.loads(hook) if hook else None
 
     def _deadline(self, seconds: float | None = None) -> AbstractAsyncContextManager[None]:
         return deadline(seconds or self._timeout)

@@ -25,6 +25,7 @@ from .._shared.wire import capture_request
 from .body import BodyTooLarge, content_length, fingerprint, read_body
 from .events import Note
 from .headers import BadIdempotencyKey, Prefer, idempotency_key, parse_prefer, request_id
+from .hooks import BadWebhook, check_hook
 from .publish import PublishFailed, publish
 from .responses import Problem, send_problem, send_response
 from .settings import Settings, authorized, location
@@ -62,6 +63,11 @@ async def submit(
         await send_problem(send, Problem.BAD_REQUEST, instance, detail="invalid Content-Length")
         return
     try:
+        hook = await check_hook(headers, settings.webhooks, settings.publish_timeout)
+    except BadWebhook as exc:
+        await send_problem(send, Problem.BAD_WEBHOOK, instance, detail=str(exc))
+        return
+    try:
         if length is not None and length > settings.max_body_size:
             raise BodyTooLarge
         async with asyncio.timeout(settings.body_timeout):
@@ -85,8 +91,15 @@ async def submit(
         _warn_if_dropped(scope, settings.credential_headers)
     owner = tags[0] if tags else None
     route = target.route
+    task_id = str(uuid.uuid4())
+    if hook is not None:
+        # Absolute, for a receiver elsewhere: on location_base, else the request's own host.
+        status_path = f"{target.location}/{task_id}"
+        base = settings.location_base or "request"
+        hook["location"] = location(settings, scope, status_path, base=base).decode()
+        hook["route"] = target.spec
     sub = Submission(
-        task_id=str(uuid.uuid4()),
+        task_id=task_id,
         app=settings.name,
         route=target.spec,
         owner=owner,
@@ -95,12 +108,15 @@ async def submit(
         queue=route.queue,
         idempotency_key=None if key is None else binding.idempotency_key(settings.name, owner, key),
         fingerprint="" if key is None else fingerprint(scope, body),
+        webhook=hook,
     )
     envelope = capture_request(
         scope, app=sub.app, route=sub.route, owner=owner, headers=kept, sealed=sealed
     )
     if route.time_limit is not None:
         envelope["time_limit"] = route.time_limit
+    if hook is not None:
+        envelope["webhook"] = hook
     # For the logs on both sides: the client's request id, and when the task was submitted.
     rid = request_id(headers)
     if rid is not None:

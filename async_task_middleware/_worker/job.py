@@ -31,6 +31,7 @@ from .._shared.policy import join_headers
 from .._shared.wire import check, split_response, unpack_response
 from .backend import STORED, process_backend, success_meta
 from .beat import Beat, Beater, process_beater
+from .hooks import ProgressThrottle
 from .loop import Loop, ReplayTimeLimit, process_loop, replace_process_loop
 from .progress import TaskCancelled, on_event_loop, process_writer
 from .replay import replay
@@ -84,6 +85,9 @@ class Job:
         self.loop: Loop | None = None
         self._steps: dict[str, BaseException | None] = {}
         self.reported = False  # progress handed to the process's writer
+        hook = envelope.get("webhook")
+        self.hook: dict[str, Any] | None = hook if isinstance(hook, dict) else None
+        self.progress_due = ProgressThrottle()
 
     def begin(self) -> None:
         """Count this delivery; a deleted or finished task, or one whose worker died
@@ -124,6 +128,8 @@ class Job:
             *(task_id, self.route, attempts, self.queued, self.rid),
         )
         self.began = time.monotonic()
+        if self.runtime.hooks is not None:
+            self.runtime.hooks.send(self.hook, "started", task_id, status="running")
 
     def start(self) -> None:
         """Hand the replay to this process's loop, under its time limit and the beater."""
@@ -174,6 +180,9 @@ class Job:
             self.store.delete(self.runtime.binding.meta_key(self.task_id))  # raced the delete
             return False
         self.store.publish(self.channel, b"progress")
+        hooks = self.runtime.hooks
+        if hooks is not None and self.progress_due.due():
+            hooks.send(self.hook, "progress", self.task_id, status="running", progress=data)
         return True
 
     def wait(self) -> bytes:
@@ -241,8 +250,15 @@ class Job:
         raise Ignore()
 
     def finished(self, outcome: bytes) -> bool:
-        """Store ``outcome`` (a packed response, or ``FAILED``); False if the record is gone."""
-        b, task_id = self.runtime.binding, self.task_id
+        """Store ``outcome`` (a packed response, or ``FAILED``); False if the record is gone.
+        A completion webhook's delivery goes with it (``_worker.hooks``)."""
+        b, task_id, hooks = self.runtime.binding, self.task_id, self.runtime.hooks
+        failed = outcome == _scripts.FAILED
+        head, apart = (outcome, None) if failed else split_response(outcome)
+        status, code = ("failed", None) if failed else ("done", unpack_response(outcome)[0])
+        message = (
+            None if hooks is None else hooks.completed_message(self.hook, task_id, status, code)
+        )
         ends = [
             self.record_key,
             b.result_key(task_id),
@@ -250,9 +266,8 @@ class Job:
             self.heartbeat_key,
             b.body_key(task_id),
             b.meta_key(task_id),
+            self.record_key if message is None or hooks is None else hooks.queue_key(),
         ]
-        failed = outcome == _scripts.FAILED
-        head, apart = (outcome, None) if failed else split_response(outcome)
         values = [
             head,
             b.expires,
@@ -260,8 +275,11 @@ class Job:
             self.channel,
             b"" if apart is None else apart,
             b"" if failed else success_meta(self.backend, task_id),
+            b"" if message is None else bytes(message),
         ]
         stored = again(lambda: self._finish_script(keys=ends, args=values), "storing an outcome")
+        if stored and hooks is not None:
+            hooks.send(self.hook, "completed", task_id, status=status, http_status=code)
         return bool(stored)
 
     def replace_blocked(self, exc: LoopBlocked) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import worker_init, worker_ready, worker_shutdown
+from celery.signals import celeryd_after_setup, worker_init, worker_ready, worker_shutdown
 
 from .._shared.binding import (
     HARD_LIMIT_GRACE,
@@ -24,8 +24,11 @@ from .._shared.binding import (
 )
 from .._shared.policy import Keys, SecretKey
 from .._shared.types import ASGIApp
+from .._shared.webhooks import Webhooks
 from . import consumer as _consumer
 from .apps import Apps
+from .deliver import register_delivery
+from .hooks import HookSender
 from .lease import LeaseKeeper
 from .runtime import Runtime
 from .sweep import Sweeper
@@ -51,6 +54,7 @@ def register_replay(
     cancel_check_interval: float = 0.5,
     leases: bool = True,
     amqp_consumer_timeout: float = AMQP_CONSUMER_TIMEOUT,
+    webhooks: Webhooks | None = None,
 ) -> Task:
     """Register the replay task on ``celery_app``; one worker serves every app in ``apps``.
 
@@ -83,6 +87,8 @@ def register_replay(
             worker, whatever ``visibility_timeout`` is.
         amqp_consumer_timeout: RabbitMQ's ``consumer_timeout`` as the server is set, in
             seconds; the hard time limit must stay below it.
+        webhooks: The middleware's ``Webhooks``, with its ``secret``: registers the delivery
+            task and has this app's workers consume its queue too.
 
     Returns:
         The registered Celery task.
@@ -116,6 +122,12 @@ def register_replay(
         cancel_check_interval=cancel_check_interval,
         heartbeat_ms=int(max(5.0, 4 * cancel_check_interval) * 1000),
     )
+    if webhooks is not None:
+        if not isinstance(webhooks, Webhooks):
+            raise ConfigurationError(f"webhooks={webhooks!r}: it must be a Webhooks(...)")
+        register_delivery(celery_app, webhooks)
+        runtime.hooks = HookSender(binding, webhooks)
+        _consume_webhooks(celery_app, webhooks.queue)
     _watch_worker(celery_app, leases)
 
     def run(task: Task, envelope: Any) -> dict[str, Any]:
@@ -143,6 +155,17 @@ def register_replay(
     )(run)
     task.runtime = runtime  # for the replay pool
     return task
+
+
+def _consume_webhooks(celery_app: Celery, queue: str) -> None:
+    """Every worker of ``celery_app`` consumes the deliveries' queue beside those it was
+    given (``-Q``): the signal Celery names for queues a worker should always consume."""
+
+    def add_queue(sender: Any, instance: Any, **_: Any) -> None:
+        if instance.app is celery_app:
+            instance.app.amqp.queues.select_add(queue)
+
+    celeryd_after_setup.connect(add_queue, weak=False)
 
 
 def _watch_worker(celery_app: Celery, leases: bool) -> None:

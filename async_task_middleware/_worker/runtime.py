@@ -13,6 +13,7 @@ from .._shared import scripts as _scripts
 from .._shared.binding import Binding
 from .._shared.policy import Keys
 from .apps import Apps
+from .hooks import HookSender
 from .job import Job, LoopBlocked
 
 
@@ -29,6 +30,7 @@ class Runtime:
     lifespan_timeout: float
     cancel_check_interval: float
     heartbeat_ms: int
+    hooks: HookSender | None = None
 
     def __post_init__(self) -> None:
         self._scripts: dict[int, tuple[Any, Any]] = {}

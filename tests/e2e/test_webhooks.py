@@ -1,0 +1,231 @@
+"""Completion webhooks end to end: a real worker delivers to a real receiver (uvicorn on
+loopback, allowed by an exact rule), every delivery verified with the ``standardwebhooks``
+package; retries, timeouts, ``410``, the started and progress events, a DELETE's event, and a
+refused URL that enqueues nothing."""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+import redis
+from asgi_lifespan import LifespanManager
+from celery import Celery
+from standardwebhooks import Webhook
+
+from async_task_middleware import Webhooks
+from tests._servers import RedisServer, Uvicorn, Worker
+from tests.apps import build_probe
+from tests.apps_webhooks import RECEIVED
+from tests.conftest import final, make_client, private_worker, submit
+
+pytestmark = pytest.mark.anyio
+
+SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+@pytest.fixture(scope="module")
+def hooked(logdir: Path) -> Iterator[tuple[RedisServer, Worker, str]]:
+    """A private Redis, a worker that delivers webhooks, and the receiver: its base URL."""
+    env = {"ATM_TEST_WEBHOOK_SECRET": SECRET}
+    with private_worker(logdir / "webhooks", env, pool="threads") as (server, worker):
+        receiver = Uvicorn(
+            "tests.apps_webhooks:app",
+            {"REDIS_URL": server.url},
+            logdir / "webhooks" / "receiver.log",
+        ).start()
+        try:
+            yield server, worker, receiver.url
+        finally:
+            receiver.stop()
+
+
+@pytest.fixture
+async def client(hooked: tuple[RedisServer, Worker, str]) -> AsyncIterator[httpx.AsyncClient]:
+    server, _, receiver = hooked
+    celery = Celery("hooked", broker=server.url, backend=server.url)
+    app = build_probe(celery, webhooks=Webhooks(allow=[receiver + "/"]))
+    async with LifespanManager(app), make_client(app) as http:
+        yield http
+
+
+def deliveries(url: str, task_id: str, timeout: float = 15, count: int = 1) -> list[Any]:
+    """The deliveries the receiver got for ``task_id``, once there are ``count``."""
+    store = redis.Redis.from_url(url)
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [json.loads(raw) for raw in store.lrange(RECEIVED, 0, -1)]
+        mine = [d for d in found if json.loads(d["body"])["data"]["task_id"] == task_id]
+        if len(mine) >= count or time.monotonic() > deadline:
+            return mine
+        time.sleep(0.05)
+
+
+def verified(delivery: dict[str, Any]) -> Any:
+    """The event, once its signature is checked as a receiver checks it."""
+    return Webhook(SECRET).verify(delivery["body"], delivery["headers"])
+
+
+async def test_a_completed_task_calls_back_signed(
+    client: httpx.AsyncClient, hooked: tuple[RedisServer, Worker, str]
+) -> None:
+    server, _, receiver = hooked
+    location = await submit(
+        client, "/mark?key=hook-ok", headers={"webhook-url": f"{receiver}/ok?token=t0ken"}
+    )
+    assert (await final(client, location)).status_code == 200
+    task_id = location.rsplit("/", 1)[1]
+    [delivery] = deliveries(server.url, task_id)
+    sent = verified(delivery)
+    assert sent["type"] == "task.completed"
+    assert sent["data"] == {
+        "task_id": task_id,
+        "location": f"http://testserver{location}",
+        "route": "POST /mark",
+        "status": "done",
+        "http_status": 200,
+    }
+    assert delivery["headers"]["webhook-id"] == f"msg_{task_id}_completed"
+    assert delivery["headers"]["host"] == receiver.split("//", 1)[1]
+    assert delivery["path"] == "ok"
+    # No result body and no request data travel with it.
+    assert "marked" not in delivery["body"]
+
+
+async def test_a_failing_receiver_gets_the_same_event_again_until_it_accepts(
+    client: httpx.AsyncClient, hooked: tuple[RedisServer, Worker, str]
+) -> None:
+    server, _, receiver = hooked
+    location = await submit(
+        client, "/mark?key=hook-flaky", headers={"webhook-url": f"{receiver}/flaky"}
+    )
+    task_id = location.rsplit("/", 1)[1]
+    got = deliveries(server.url, task_id, count=3)
+    assert len(got) == 3
+    assert {d["headers"]["webhook-id"] for d in got} == {f"msg_{task_id}_completed"}
+    assert all(verified(d)["type"] == "task.completed" for d in got)
+    time.sleep(1.5)  # delivered: no fourth attempt
+    assert len(deliveries(server.url, task_id, timeout=0)) == 3
+
+
+async def test_a_hanging_receiver_times_out_and_is_tried_again(
+    client: httpx.AsyncClient, hooked: tuple[RedisServer, Worker, str]
+) -> None:
+    server, _, receiver = hooked
+    location = await submit(
+        client, "/mark?key=hook-hang", headers={"webhook-url": f"{receiver}/hang"}
+    )
+    task_id = location.rsplit("/", 1)[1]
+    got = deliveries(server.url, task_id, count=2, timeout=20)
+    assert len(got) >= 2  # the first timed out after 1 s, then it was tried again
+
+
+async def test_410_gone_stops_the_retries(
+    client: httpx.AsyncClient, hooked: tuple[RedisServer, Worker, str]
+) -> None:
+    server, _, receiver = hooked
+    location = await submit(
+        client, "/mark?key=hook-gone", headers={"webhook-url": f"{receiver}/gone"}
+    )
+    task_id = location.rsplit("/", 1)[1]
+    assert len(deliveries(server.url, task_id)) == 1
+    time.sleep(2)  # the schedule would have tried three more times by now
+    assert len(deliveries(server.url, task_id, timeout=0)) == 1
+
+
+async def test_started_progress_and_completed_when_asked(
+    client: httpx.AsyncClient, hooked: tuple[RedisServer, Worker, str]
+) -> None:
+    server, _, receiver = hooked
+    asked = {"webhook-url": f"{receiver}/ok", "webhook-events": "started, progress, completed"}
+    location = await submit(client, "/burst?n=50&seconds=1.5", headers=asked)
+    task_id = location.rsplit("/", 1)[1]
+    got = deliveries(server.url, task_id, count=3)
+    kinds = [verified(d)["type"] for d in got]
+    assert kinds.count("task.started") == 1
+    assert kinds.count("task.completed") == 1
+    # 50 reports at once, coalesced: one progress delivery within the second.
+    assert kinds.count("task.progress") == 1
+    progress = next(verified(d) for d in got if verified(d)["type"] == "task.progress")
+    assert progress["data"]["status"] == "running"
+    # From the event loop, a newer report replaces one not yet stored: the latest wins.
+    assert progress["data"]["progress"]["of"] == 50
+    assert 1 <= progress["data"]["progress"]["step"] <= 50
+
+
+async def test_a_delete_before_the_end_is_a_cancelled_event(
+    client: httpx.AsyncClient, hooked: tuple[RedisServer, Worker, str]
+) -> None:
+    server, _, receiver = hooked
+    location = await submit(client, "/slow?seconds=30", headers={"webhook-url": f"{receiver}/ok"})
+    await anyio.sleep(0.5)
+    assert (await client.delete(location)).status_code == 204
+    task_id = location.rsplit("/", 1)[1]
+    [delivery] = deliveries(server.url, task_id)
+    sent = verified(delivery)
+    assert sent["type"] == "task.completed"
+    assert sent["data"]["status"] == "cancelled"
+    time.sleep(1)
+    assert len(deliveries(server.url, task_id, timeout=0)) == 1  # the worker sent none
+
+
+async def test_a_refused_webhook_enqueues_nothing(
+    client: httpx.AsyncClient, hooked: tuple[RedisServer, Worker, str]
+) -> None:
+    server, _, receiver = hooked
+    store = redis.Redis.from_url(server.url)
+    before = sorted(store.keys("async-task-middleware-*"))
+    for url in (f"{receiver}/ok".replace("127.0.0.1", "localhost"), "http://10.0.0.1/", "x"):
+        response = await client.post("/mark?key=never", headers={"webhook-url": url})
+        assert response.status_code == 400
+        assert response.headers["content-type"] == "application/problem+json"
+        problem = response.json()
+        assert problem["type"] == "urn:async-task-middleware:problem:bad-webhook"
+        assert url not in response.text
+    assert sorted(store.keys("async-task-middleware-*")) == before
+    assert store.get("never") is None
+
+
+async def test_a_worker_killed_with_the_delivery_in_hand_still_calls_back(
+    hooked: tuple[RedisServer, Worker, str], logdir: Path
+) -> None:
+    """The worker that ran the task is SIGKILLed while its delivery waits for the receiver;
+    another worker, started after, delivers the same event."""
+    _, _, receiver = hooked
+    env = {
+        "ATM_TEST_WEBHOOK_SECRET": SECRET,
+        "ATM_TEST_VISIBILITY": "4",  # a dead worker's messages come back after 4 s
+    }
+    with private_worker(logdir / "webhooks-kill", env, pool="threads") as (server, worker):
+        celery = Celery("killed", broker=server.url, backend=server.url)
+        app = build_probe(celery, webhooks=Webhooks(allow=[receiver + "/"]))
+        async with LifespanManager(app), make_client(app) as client:
+            headers = {"webhook-url": f"{receiver}/hang-once"}
+            location = await submit(client, "/mark?key=hook-kill", headers=headers)
+            assert (await final(client, location)).status_code == 200
+        task_id = location.rsplit("/", 1)[1]
+        # The receiver's Redis is the module's; the first attempt is in the receiver now.
+        receiver_redis = hooked[0].url
+        assert len(deliveries(receiver_redis, task_id)) == 1
+        worker.kill()
+        again = Worker(
+            "tests.worker",
+            {"REDIS_URL": server.url, "BROKER_URL": "", **env},
+            logdir / "webhooks-kill" / "worker-again.log",
+            pool="threads",
+        ).start()
+        try:
+            got = deliveries(receiver_redis, task_id, count=2, timeout=30)
+        finally:
+            again.stop()
+    assert len(got) >= 2
+    assert {d["headers"]["webhook-id"] for d in got} == {f"msg_{task_id}_completed"}
+    assert all(verified(d)["data"]["status"] == "done" for d in got)
