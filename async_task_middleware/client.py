@@ -11,6 +11,9 @@ an ``on_progress`` callback wants each status as it happens and the server offer
 long polls (``Prefer: wait``) that fall back to ``Retry-After`` where the server does not hold
 them. The final response is returned as the endpoint sent it, whatever its status; a caller
 that gives up (``timeout``, a cancellation, Ctrl-C) deletes the task on the way out.
+``submit_task`` sends the request and returns the status URL at once, for a caller that is
+called back (``webhook=``: its ``Webhook-URL``) or polls later; ``run_task`` always waits for
+the end, so it takes no webhook.
 
 Needs ``httpx`` (``pip install "async-task-middleware[client]"``; the command line,
 ``python -m async_task_middleware.client``, also uses ``rich``).
@@ -28,7 +31,7 @@ from typing import Any
 import anyio
 import httpx
 
-__all__ = ["Progress", "TaskTimeout", "run_task", "run_task_sync"]
+__all__ = ["Progress", "TaskTimeout", "run_task", "run_task_sync", "submit_task"]
 
 #: Called with each status body while the task runs: ``{"task_id", "status", "progress"}``.
 Progress = Callable[[dict[str, Any]], None]
@@ -58,6 +61,42 @@ async def run_task(
     headers = httpx.Headers(request.pop("headers", None))
     headers.setdefault("prefer", f"wait={wait}")
     response = await http.request(method, url, headers=headers, **request)
+    return await _until_final(http, response, wait, timeout, on_progress)
+
+
+async def submit_task(
+    http: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    webhook: str | None = None,
+    webhook_events: str | None = None,
+    **request: Any,
+) -> str:
+    """Send the request and return its status URL at once, without waiting: for a caller
+    that is called back (``webhook``: its ``Webhook-URL``; ``webhook_events``: e.g.
+    ``"started, completed"``) or polls later. A refusal raises ``httpx.HTTPStatusError``."""
+    headers = httpx.Headers(request.pop("headers", None))
+    headers["prefer"] = "respond-async"
+    if webhook is not None:
+        headers["webhook-url"] = webhook
+    if webhook_events is not None:
+        headers["webhook-events"] = webhook_events
+    response = await http.request(method, url, headers=headers, **request)
+    location = _location(response)
+    if location is None:
+        response.raise_for_status()
+        raise httpx.HTTPStatusError("no status URL", request=response.request, response=response)
+    return location
+
+
+async def _until_final(
+    http: httpx.AsyncClient,
+    response: httpx.Response,
+    wait: int,
+    timeout: float | None,
+    on_progress: Progress | None,
+) -> httpx.Response:
     location = _location(response)
     if location is None:
         return response  # done within the wait, or refused (4xx, 503): as it is
@@ -146,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-H", "--header", action="append", default=[], help="'Name: value'")
     parser.add_argument("--timeout", type=float, help="give up (and delete the task) after S")
     parser.add_argument("--no-wait", action="store_true", help="print the status URL and exit")
+    parser.add_argument(
+        "--webhook", metavar="URL", help="be called back at URL; prints the status URL and exits"
+    )
     args = parser.parse_args(argv)
     request: dict[str, Any] = {"headers": dict(_header(h) for h in args.header)}
     data, files = {}, {}
@@ -161,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         request["content"] = Path(raw[1:]).read_bytes() if raw.startswith("@") else raw.encode()
     elif files or data:
         request.update(files=files or None, data=data or None)
-    if args.no_wait:
+    if args.webhook is not None:
+        request["headers"]["webhook-url"] = args.webhook
+    if args.no_wait or args.webhook is not None:
         request["headers"]["prefer"] = "respond-async"
         response = httpx.request(args.method, args.url, timeout=60, **request)
         location = _location(response)

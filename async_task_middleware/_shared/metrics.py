@@ -6,11 +6,12 @@ Web side: ``async_task_middleware_submissions_total{route, answer}`` (answer: th
 Worker side: ``async_task_middleware_queue_wait_seconds{route}`` (submission to start),
 ``async_task_middleware_replay_seconds{route, outcome}`` (outcome: the status code, or
 ``failed``), and in its main process ``async_task_middleware_pushed_again_total`` (tasks whose
-message the broker lost, pushed again by the sweep). They go to prometheus-client's default
-registry: serve it as usual (``app.mount("/metrics", prometheus_client.make_asgi_app())`` on the
-web side, ``prometheus_client.start_http_server(port)`` in a worker, with
-``PROMETHEUS_MULTIPROC_DIR`` set for prefork workers and multi-process web servers, as
-prometheus-client documents).
+message the broker lost, pushed again by the sweep), and
+``async_task_middleware_webhook_deliveries_total{event, outcome}``. They go to
+prometheus-client's default registry: serve it as usual
+(``app.mount("/metrics", prometheus_client.make_asgi_app())`` on the web side,
+``prometheus_client.start_http_server(port)`` in a worker, with ``PROMETHEUS_MULTIPROC_DIR`` set
+for prefork workers and multi-process web servers, as prometheus-client documents).
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ else:
         "async_task_middleware_replay_seconds",
         "Replay durations, by route and outcome.",
         ["route", "outcome"],
+    )
+    _WEBHOOKS = Counter(
+        "async_task_middleware_webhook_deliveries",
+        "Webhook delivery attempts, by event and outcome (delivered, retried, stopped, given up).",
+        ["event", "outcome"],
     )
     _PUSHED_AGAIN = Counter(
         "async_task_middleware_pushed_again",
@@ -87,3 +93,8 @@ def replayed(route: Any, queued: float, seconds: float, outcome: str) -> None:
 def pushed_again(count: int) -> None:
     if ENABLED:
         _PUSHED_AGAIN.inc(count)
+
+
+def webhook_attempted(event: str, outcome: str) -> None:
+    if ENABLED:
+        _WEBHOOKS.labels(event, outcome).inc()

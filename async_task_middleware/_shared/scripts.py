@@ -104,7 +104,7 @@ return 0
 """
 
 # DELETE on the status URL: only by the owner (or anyone, for an anonymous task).
-# KEYS: record, meta, attempts, result, heartbeat, message copy, body
+# KEYS: record, meta, attempts, result, heartbeat, message copy, body, webhook delivery state
 # ARGV: key prefix, task id, the requester's owner hashes (none: anonymous)
 # -> {1, the record's webhook as JSON when the task had not ended ('' otherwise)} deleted,
 #    {0, ''} unknown (or someone else's: the same answer)
@@ -125,7 +125,7 @@ local hook = ''
 if type(record['webhook']) == 'table' and redis.call('EXISTS', KEYS[4]) == 0 then
   hook = cjson.encode(record['webhook'])
 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8])
 if type(record['idempotency']) == 'string' then redis.call('DEL', record['idempotency']) end
 if type(record['app']) == 'string' and type(record['route']) == 'string' then
   redis.call('ZREM', ARGV[1] .. 'queued-' .. record['app'] .. ' ' .. record['route'], ARGV[2])

@@ -117,6 +117,8 @@ def event(
     now = datetime.datetime.now(datetime.UTC)
     body = {"type": f"task.{kind}", "timestamp": now.isoformat(), "data": data}
     return {
+        "task_id": task_id,
+        "kind": kind,
         "id": f"msg_{task_id}_{kind}" if kind != "progress" else f"msg_{task_id}_{now.timestamp()}",
         "url": hook["url"],
         "address": hook["address"],

@@ -1,8 +1,9 @@
 """The protocol in the app's OpenAPI schema: what the middleware answers on marked routes.
 
 ``document_tasks(app, routes)`` is the one call, for FastAPI and Litestar apps: each marked
-operation gets its ``303`` (with ``Location``), the ``Prefer`` and ``Idempotency-Key`` headers
-and the middleware's own errors; each gets its status path (``<path>/{task_id}``) with the
+operation gets its ``303`` (with ``Location``), the ``Prefer``, ``Idempotency-Key`` and webhook
+headers and the middleware's own errors (and the schema, OpenAPI 3.1's ``webhooks`` entry for
+what a receiver is sent); each gets its status path (``<path>/{task_id}``) with the
 ``202`` status body, the endpoint's own responses (they are the result), ``404``, ``500`` and
 the ``DELETE``'s ``204``. ``tasks_openapi(schema, routes)`` does the same to a schema dict.
 """
@@ -43,8 +44,45 @@ _SCHEMAS: dict[str, Any] = {
                 "description": "What the endpoint last reported (report_progress), or null.",
                 "anyOf": [{"type": "object"}, {"type": "null"}],
             },
+            "webhook": {"$ref": "#/components/schemas/AsyncTaskWebhookState"},
         },
         "required": ["task_id", "status", "progress"],
+    },
+    "AsyncTaskWebhookState": {
+        "type": "object",
+        "description": "How the task's last webhook delivery went (in the 202 body, once one "
+        "was attempted).",
+        "properties": {
+            "event": {"type": "string", "enum": ["started", "progress", "completed"]},
+            "state": {"type": "string", "enum": ["delivered", "retrying", "stopped", "given up"]},
+            "attempts": {"type": "integer"},
+            "status": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+        },
+    },
+    "AsyncTaskWebhookEvent": {
+        "type": "object",
+        "description": "A webhook delivery's body, signed with Standard Webhooks' headers "
+        "(webhook-id, webhook-timestamp, webhook-signature).",
+        "properties": {
+            "type": {"type": "string", "enum": ["task.started", "task.progress", "task.completed"]},
+            "timestamp": {"type": "string", "format": "date-time"},
+            "data": {
+                "type": "object",
+                "properties": {
+                    "task_id": {"type": "string", "format": "uuid"},
+                    "location": {"type": "string", "format": "uri"},
+                    "route": {"type": "string"},
+                    "status": {
+                        "type": "string",
+                        "enum": ["running", "done", "failed", "cancelled"],
+                    },
+                    "http_status": {"type": "integer"},
+                    "progress": {},
+                },
+                "required": ["task_id", "location", "route", "status"],
+            },
+        },
+        "required": ["type", "timestamp", "data"],
     },
 }
 _RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds."}}
@@ -64,6 +102,21 @@ _HEADERS = [
         "required": False,
         "description": "The same key with the same request names the same task.",
         "schema": {"type": "string", "maxLength": 255},
+    },
+    {
+        "name": "Webhook-URL",
+        "in": "header",
+        "required": False,
+        "description": "Call this URL back as the task starts, reports progress or ends "
+        "(Webhook-Events); it must be one the server allows.",
+        "schema": {"type": "string", "format": "uri", "maxLength": 2048},
+    },
+    {
+        "name": "Webhook-Events",
+        "in": "header",
+        "required": False,
+        "description": "Comma-separated: started, progress, completed (the default).",
+        "schema": {"type": "string"},
     },
 ]
 
@@ -99,6 +152,22 @@ def tasks_openapi(schema: dict[str, Any], routes: Iterable[str]) -> dict[str, An
     middleware) added; changed in place and returned."""
     schema.setdefault("components", {}).setdefault("schemas", {}).update(copy.deepcopy(_SCHEMAS))
     paths = schema.setdefault("paths", {})
+    # OpenAPI 3.1's webhooks: what a receiver of a Webhook-URL is sent.
+    schema.setdefault("webhooks", {})["asyncTaskEvent"] = {
+        "post": {
+            "summary": "A task started, reported progress or ended",
+            "requestBody": {
+                "content": {
+                    "application/json": {
+                        "schema": {"$ref": "#/components/schemas/AsyncTaskWebhookEvent"}
+                    }
+                }
+            },
+            "responses": {
+                "200": {"description": "Received; any 2xx will do. 410 Gone stops the retries."}
+            },
+        }
+    }
     for spec in routes:
         method, _ = parse_route(spec)
         path = re.sub(r"\{(\w+)(:\w+)?\}", r"{\1}", spec.split(None, 1)[1].strip())
@@ -114,7 +183,7 @@ def tasks_openapi(schema: dict[str, Any], routes: Iterable[str]) -> dict[str, An
                 **own,
             },
             {
-                "400": _problem("A malformed Idempotency-Key."),
+                "400": _problem("A malformed Idempotency-Key, or a refused Webhook-URL."),
                 "401": _problem("Refused by the authorize hook."),
                 "408": _problem("The body did not arrive in time."),
                 "413": _problem("The body is too large."),

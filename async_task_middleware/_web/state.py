@@ -61,6 +61,12 @@ class TaskState:
     live: bool = False
     began: bool = False
     decode: Callable[[bytes], dict[str, Any]] = field(default=json.loads, repr=False)
+    #: The webhook's last delivery, as the delivery task wrote it (JSON), None before one.
+    raw_hook: bytes | None = None
+
+    @functools.cached_property
+    def webhook(self) -> dict[str, Any] | None:
+        return None if self.raw_hook is None else json.loads(self.raw_hook)
 
     @functools.cached_property
     def meta(self) -> dict[str, Any] | None:
@@ -80,11 +86,14 @@ class TaskState:
         """The 202 body (and the event stream's status data): task id, status, progress."""
         result = self.meta.get("result") if self.meta else None
         progress = result.get("progress") if isinstance(result, dict) else None
-        return {
+        summary = {
             "task_id": task_id,
             "status": "running" if self.live else "retrying" if self.began else "queued",
             "progress": progress,
         }
+        if self.webhook is not None:
+            summary["webhook"] = self.webhook
+        return summary
 
     @property
     def failed(self) -> bool:

@@ -130,6 +130,11 @@ async def answer(
 ) -> None:
     """What the status URL serves for a task in ``state``: its response, its failure, or 202
     (with ``Location``: the status URL itself, which generic pollers follow while 202)."""
+    if state.outcome is not None and state.webhook is not None:
+        # The completion webhook's delivery, beside the final answer: ``state; attempts=N``.
+        hook = state.webhook
+        note = f"{hook.get('state')}; attempts={hook.get('attempts')}".encode("ascii", "replace")
+        extra = [*extra, (b"webhook-delivery", note)]
     if state.failed:
         detail = _failure_detail(state.meta or {}) if settings.debug else None
         await send_problem(send, Problem.FAILED, instance, detail=detail, headers=extra, head=head)

@@ -222,10 +222,11 @@ class TaskStore:
             b.meta_key(task_id),
             b.heartbeat_key(task_id),
             b.attempts_key(task_id),
+            b.webhook_key(task_id),
         ]
 
     def _state(self, values: list[Any]) -> TaskState:
-        record, outcome, meta, live, began = values
+        record, outcome, meta, live, began, hook = values
         if record is None:
             return TaskState(None)
         return TaskState(
@@ -235,6 +236,7 @@ class TaskStore:
             live is not None,
             began is not None,
             self._decode_meta,
+            cast(bytes | None, hook),
         )
 
     async def read(self, task_id: str) -> TaskState:
@@ -282,6 +284,7 @@ class TaskStore:
             b.heartbeat_key(task_id),
             b.message_key(task_id),
             b.body_key(task_id),
+            b.webhook_key(task_id),
         ]
         async with self._deadline():
             args: list[bytes | str] = [b.record_prefix, task_id, *owners]

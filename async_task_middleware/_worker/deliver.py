@@ -12,6 +12,7 @@ so a waiting delivery holds no worker) on the schedule, then given up.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import time
 from typing import Any
@@ -19,7 +20,10 @@ from urllib.parse import urlsplit
 
 from celery import Celery, Task
 
+from .._shared.binding import Binding
+from .._shared.deployment import again
 from .._shared.errors import ConfigurationError
+from .._shared.metrics import webhook_attempted
 from .._shared.webhooks import DELIVER_TASK, Webhooks, backoff
 
 logger = logging.getLogger(__name__)
@@ -28,7 +32,7 @@ _MAX_ANSWER = 64 * 1024
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-def register_delivery(celery_app: Celery, webhooks: Webhooks) -> Task:
+def register_delivery(celery_app: Celery, binding: Binding, webhooks: Webhooks) -> Task:
     """The delivery task on ``celery_app``, consumed from ``webhooks.queue`` by every worker
     that registered the replay."""
     try:
@@ -83,23 +87,39 @@ def register_delivery(celery_app: Celery, webhooks: Webhooks) -> Task:
             logger.info("webhook %s: attempt failed: %s", event["id"], type(exc).__name__)
             return None
 
+    def record(event: dict[str, Any], state: str, attempts: int, status: int | None) -> None:
+        """The delivery's state beside the task, for its owner's status reads."""
+        webhook_attempted(str(event.get("kind")), state.replace(" ", "_"))
+        if "task_id" not in event:
+            return
+        note = json.dumps(
+            {"event": event.get("kind"), "state": state, "attempts": attempts, "status": status}
+        )
+        key = binding.webhook_key(event["task_id"])
+        store = celery_app.backend.client
+        again(lambda: store.set(key, note, ex=binding.expires), "storing a webhook's state")
+
     def deliver(task: Task, event: dict[str, Any]) -> str:
         status = attempt(event)
         retries = task.request.retries
         if status is not None and 200 <= status < 300:
             logger.info("webhook %s delivered: %d, attempt %d", event["id"], status, retries + 1)
+            record(event, "delivered", retries + 1, status)
             return "delivered"
         if status == 410:
             logger.info("webhook %s stopped: the receiver answered 410 Gone", event["id"])
+            record(event, "stopped", retries + 1, status)
             return "stopped"
         delay = backoff(webhooks.schedule, retries)
         if delay is None:
             logger.warning("webhook %s given up after %d attempts", event["id"], retries + 1)
+            record(event, "given up", retries + 1, status)
             return "given up"
         logger.info(
             "webhook %s: attempt %d answered %s; again in %.0f s",
             *(event["id"], retries + 1, status, delay),
         )
+        record(event, "retrying", retries + 1, status)
         raise task.retry(countdown=delay)
 
     delivery: Task = celery_app.task(

@@ -125,7 +125,7 @@ def register_replay(
     if webhooks is not None:
         if not isinstance(webhooks, Webhooks):
             raise ConfigurationError(f"webhooks={webhooks!r}: it must be a Webhooks(...)")
-        register_delivery(celery_app, webhooks)
+        register_delivery(celery_app, binding, webhooks)
         runtime.hooks = HookSender(binding, webhooks)
         _consume_webhooks(celery_app, webhooks.queue)
     _watch_worker(celery_app, leases)

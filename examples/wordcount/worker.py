@@ -16,7 +16,7 @@ from typing import Any
 
 from celery import Celery
 
-from async_task_middleware import header_owner, register_replay
+from async_task_middleware import Webhooks, header_owner, register_replay
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 SENTINEL: dict[str, Any] = (
@@ -56,6 +56,17 @@ celery_app.conf.update(
     worker_prefetch_multiplier=1,
 )
 
+#: Completion webhooks, on when ATM_WEBHOOK_ALLOW names where they may go (comma-separated URL
+#: prefixes or host patterns) and ATM_WEBHOOK_SECRET signs them ("whsec_..."); off otherwise.
+WEBHOOKS = (
+    Webhooks(
+        allow=[rule.strip() for rule in os.environ["ATM_WEBHOOK_ALLOW"].split(",") if rule.strip()],
+        secret=os.environ.get("ATM_WEBHOOK_SECRET") or None,
+    )
+    if os.environ.get("ATM_WEBHOOK_ALLOW")
+    else None
+)
+
 #: The middleware's protection, the same for every framework: a task belongs to the
 #: Authorization header it was sent with (none: anonymous, readable by whoever has its URL),
 #: credentials are encrypted at rest, and intake is bounded.
@@ -64,6 +75,7 @@ PROTECTION: dict[str, Any] = {
     "secret_key": SECRET_KEY,
     "max_tasks_per_owner": 100,
     "max_queued_per_route": 10_000,
+    "webhooks": WEBHOOKS,
 }
 
 #: Cross-origin access for a browser page on another origin: it runs in front of the
@@ -87,4 +99,5 @@ register_replay(
         "wordcount-django": "examples.wordcount.django_app:app",
     },
     secret_key=SECRET_KEY,
+    webhooks=WEBHOOKS,
 )

@@ -80,6 +80,17 @@ def test_path_parameters_carry_over_to_the_status_path() -> None:
     assert names == ["year", "task_id"]
 
 
+def test_the_webhook_headers_and_payload_are_documented() -> None:
+    schema = {"paths": {"/words": {"post": {"responses": {"200": {"description": "ok"}}}}}}
+    tasks_openapi(schema, ["POST /words"])
+    headers = [p["name"] for p in schema["paths"]["/words"]["post"]["parameters"]]
+    assert {"Webhook-URL", "Webhook-Events"} <= set(headers)
+    body = schema["webhooks"]["asyncTaskEvent"]["post"]["requestBody"]["content"]
+    assert body["application/json"]["schema"]["$ref"].endswith("/AsyncTaskWebhookEvent")
+    event = schema["components"]["schemas"]["AsyncTaskWebhookEvent"]
+    assert event["properties"]["data"]["required"] == ["task_id", "location", "route", "status"]
+
+
 def test_schemathesis_finds_no_response_that_contradicts_the_schema(served_example: str) -> None:
     checks = ",".join(
         [

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
@@ -25,7 +26,7 @@ from async_task_middleware import Webhooks
 from tests._servers import RedisServer, Uvicorn, Worker
 from tests.apps import build_probe
 from tests.apps_webhooks import RECEIVED
-from tests.conftest import final, make_client, private_worker, submit
+from tests.conftest import LOCATION, final, make_client, private_worker, submit
 
 pytestmark = pytest.mark.anyio
 
@@ -69,6 +70,16 @@ def deliveries(url: str, task_id: str, timeout: float = 15, count: int = 1) -> l
         time.sleep(0.05)
 
 
+async def delivery_state(client: httpx.AsyncClient, location: str, expected: str) -> str:
+    """The status URL's ``webhook-delivery`` header, once it says ``expected``."""
+    with anyio.fail_after(15):
+        while True:
+            answer = (await client.get(location)).headers.get("webhook-delivery", "")
+            if answer == expected:
+                return answer
+            await anyio.sleep(0.05)
+
+
 def verified(delivery: dict[str, Any]) -> Any:
     """The event, once its signature is checked as a receiver checks it."""
     return Webhook(SECRET).verify(delivery["body"], delivery["headers"])
@@ -98,6 +109,8 @@ async def test_a_completed_task_calls_back_signed(
     assert delivery["path"] == "ok"
     # No result body and no request data travel with it.
     assert "marked" not in delivery["body"]
+    # The owner sees how the delivery went, beside the result.
+    await delivery_state(client, location, "delivered; attempts=1")
 
 
 async def test_a_failing_receiver_gets_the_same_event_again_until_it_accepts(
@@ -114,6 +127,7 @@ async def test_a_failing_receiver_gets_the_same_event_again_until_it_accepts(
     assert all(verified(d)["type"] == "task.completed" for d in got)
     time.sleep(1.5)  # delivered: no fourth attempt
     assert len(deliveries(server.url, task_id, timeout=0)) == 3
+    await delivery_state(client, location, "delivered; attempts=3")
 
 
 async def test_a_hanging_receiver_times_out_and_is_tried_again(
@@ -139,6 +153,7 @@ async def test_410_gone_stops_the_retries(
     assert len(deliveries(server.url, task_id)) == 1
     time.sleep(2)  # the schedule would have tried three more times by now
     assert len(deliveries(server.url, task_id, timeout=0)) == 1
+    await delivery_state(client, location, "stopped; attempts=1")
 
 
 async def test_started_progress_and_completed_when_asked(
@@ -146,8 +161,14 @@ async def test_started_progress_and_completed_when_asked(
 ) -> None:
     server, _, receiver = hooked
     asked = {"webhook-url": f"{receiver}/ok", "webhook-events": "started, progress, completed"}
-    location = await submit(client, "/burst?n=50&seconds=1.5", headers=asked)
+    location = await submit(client, "/burst?n=50&seconds=3", headers=asked)
     task_id = location.rsplit("/", 1)[1]
+    with anyio.fail_after(3):  # while it runs, its 202 says how the last delivery went
+        while "webhook" not in (running := (await client.get(location)).json()):
+            await anyio.sleep(0.05)
+    assert running["status"] == "running"
+    assert running["webhook"]["state"] == "delivered"
+    assert running["webhook"]["event"] in ("started", "progress")
     got = deliveries(server.url, task_id, count=3)
     kinds = [verified(d)["type"] for d in got]
     assert kinds.count("task.started") == 1
@@ -229,3 +250,24 @@ async def test_a_worker_killed_with_the_delivery_in_hand_still_calls_back(
     assert len(got) >= 2
     assert {d["headers"]["webhook-id"] for d in got} == {f"msg_{task_id}_completed"}
     assert all(verified(d)["data"]["status"] == "done" for d in got)
+
+
+async def test_the_client_submits_with_a_webhook_and_returns_at_once(
+    client: httpx.AsyncClient, hooked: tuple[RedisServer, Worker, str]
+) -> None:
+    from async_task_middleware.client import submit_task
+
+    server, _, receiver = hooked
+    location = await submit_task(
+        client,
+        "POST",
+        "/mark?key=hook-client",
+        webhook=f"{receiver}/ok",
+        webhook_events="completed",
+    )
+    assert LOCATION.match(urlsplit(location).path)
+    task_id = location.rsplit("/", 1)[1]
+    [delivery] = deliveries(server.url, task_id)
+    assert verified(delivery)["data"]["status"] == "done"
+    with pytest.raises(httpx.HTTPStatusError):
+        await submit_task(client, "POST", "/mark?key=never", webhook="http://10.0.0.1/")
