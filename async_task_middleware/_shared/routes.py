@@ -43,6 +43,11 @@ class Route:
         time_limit: Seconds the replay may run, carried in the message, so that one worker
             serves routes with different limits. ``None``: the worker's ``time_limit``.
         retry_after: The base ``Retry-After`` of this route's 202s. ``None``: the middleware's.
+        webhook: A ``Webhook-URL`` of the route's own, for callers that cannot send the header
+            (theirs wins when they do); checked like theirs, against the middleware's
+            ``webhooks`` rules, at each submission. ``None``: none.
+        webhook_events: The events of the route's ``webhook``, as ``Webhook-Events`` names
+            them.
     """
 
     authorize: Authorize | None = None
@@ -50,6 +55,8 @@ class Route:
     queue: str | None = None
     time_limit: float | None = None
     retry_after: int | None = None
+    webhook: str | None = None
+    webhook_events: str = "completed"
 
     def __post_init__(self) -> None:
         if self.authorize is not None and not callable(self.authorize):
@@ -70,6 +77,13 @@ class Route:
             not isinstance(self.queue, str) or not re.fullmatch(r"[\w.:-]{1,200}", self.queue)
         ):
             raise ValueError(f"Route(queue={self.queue!r}): letters, digits and _ . : - only")
+        if self.webhook is not None and (
+            not isinstance(self.webhook, str)
+            or not re.fullmatch(r"https?://[!-~]{1,2040}", self.webhook)
+        ):
+            raise ValueError("Route(webhook=...): an http(s) URL of printable ASCII")
+        if not isinstance(self.webhook_events, str):
+            raise ValueError("Route(webhook_events=...): e.g. 'started, completed'")
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ import anyio
 import anyio.to_thread
 
 from .._shared.binding import Binding
+from .._shared.routes import Route
 from .._shared.webhooks import DELIVER_TASK, Webhooks, event, parse_events
 from .settings import Settings
 
@@ -36,17 +37,32 @@ class BadWebhook(ValueError):
     and never repeats the URL (it may carry a token)."""
 
 
+class BadRouteWebhook(BadWebhook):
+    """The route's own webhook (``Route(webhook=)``) is refused: the operator's to fix."""
+
+
 async def check_hook(
-    headers: Iterable[tuple[bytes, bytes]], webhooks: Webhooks | None, timeout: float
+    headers: Iterable[tuple[bytes, bytes]],
+    webhooks: Webhooks | None,
+    timeout: float,
+    route: Route | None = None,
 ) -> dict[str, Any] | None:
     """The submission's webhook (``url``, ``address``, ``events``), None when it asks for
-    none; ``BadWebhook`` when it may not have it."""
+    none; ``BadWebhook`` when it may not have it. Without a ``Webhook-URL``, the route's own
+    (``BadRouteWebhook`` when it is refused)."""
     urls, events = [], []
     for name, value in headers:
         if name == b"webhook-url":
             urls.append(value)
         elif name == b"webhook-events":
             events.append(value)
+    if not urls and route is not None and route.webhook is not None and not events:
+        fixed = [(b"webhook-url", route.webhook.encode())]
+        fixed.append((b"webhook-events", route.webhook_events.encode("latin-1")))
+        try:
+            return await check_hook(fixed, webhooks, timeout)
+        except BadWebhook as exc:
+            raise BadRouteWebhook(str(exc)) from None
     if not urls:
         if events:
             raise BadWebhook("Webhook-Events without a Webhook-URL")

@@ -25,7 +25,7 @@ from .._shared.wire import capture_request
 from .body import BodyTooLarge, content_length, fingerprint, read_body
 from .events import Note
 from .headers import BadIdempotencyKey, Prefer, idempotency_key, parse_prefer, request_id
-from .hooks import BadWebhook, check_hook
+from .hooks import BadRouteWebhook, BadWebhook, check_hook
 from .publish import PublishFailed, publish
 from .responses import Problem, send_problem, send_response
 from .settings import Settings, authorized, location
@@ -63,7 +63,13 @@ async def submit(
         await send_problem(send, Problem.BAD_REQUEST, instance, detail="invalid Content-Length")
         return
     try:
-        hook = await check_hook(headers, settings.webhooks, settings.publish_timeout)
+        hook = await check_hook(headers, settings.webhooks, settings.publish_timeout, target.route)
+    except BadRouteWebhook as exc:
+        # The client cannot fix the route's own webhook: a 503 to retry, and a line for the
+        # operator, who can.
+        logger.error("the webhook of %s is refused: %s", target.spec, exc)
+        await send_problem(send, Problem.UNAVAILABLE, instance, detail="try again later")
+        return
     except BadWebhook as exc:
         await send_problem(send, Problem.BAD_WEBHOOK, instance, detail=str(exc))
         return

@@ -108,7 +108,7 @@ async def test_the_request_id_joins_the_web_and_worker_logs(
 
             def logged(event: str, task_id: str = task_id, expected: str = expected) -> bool:
                 # The worker logs "finished" just after storing the result: it may trail the 200.
-                log = (logdir / "metrics-worker.log").read_text()
+                log = (logdir / "metrics" / "worker.log").read_text()
                 lines = [line for line in log.splitlines() if task_id in line]
                 return any(event in line and expected in line for line in lines)
 

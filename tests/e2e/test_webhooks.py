@@ -22,9 +22,9 @@ from asgi_lifespan import LifespanManager
 from celery import Celery
 from standardwebhooks import Webhook
 
-from async_task_middleware import Webhooks
+from async_task_middleware import AsyncTaskMiddleware, ConfigurationError, Route, Webhooks
 from tests._servers import RedisServer, Uvicorn, Worker
-from tests.apps import build_probe
+from tests.apps import PROBE_ROUTES, build_probe, probe_app
 from tests.apps_webhooks import RECEIVED
 from tests.conftest import LOCATION, final, make_client, private_worker, submit
 
@@ -271,3 +271,31 @@ async def test_the_client_submits_with_a_webhook_and_returns_at_once(
     assert verified(delivery)["data"]["status"] == "done"
     with pytest.raises(httpx.HTTPStatusError):
         await submit_task(client, "POST", "/mark?key=never", webhook="http://10.0.0.1/")
+
+
+async def test_a_route_of_its_own_webhook_calls_back_without_the_header(
+    hooked: tuple[RedisServer, Worker, str],
+) -> None:
+    server, _, receiver = hooked
+    celery = Celery("route-hook", broker=server.url, backend=server.url)
+    routes = {spec: Route() for spec in PROBE_ROUTES}
+    routes["POST /mark"] = Route(webhook=f"{receiver}/ok?from=route")
+    routes["POST /echo"] = Route(webhook="http://10.0.0.1/")  # not allowed by the rules
+    app = build_probe(celery, routes=routes, webhooks=Webhooks(allow=[receiver + "/"]))
+    async with LifespanManager(app), make_client(app) as http:
+        location = await submit(http, "/mark?key=hook-route")
+        task_id = location.rsplit("/", 1)[1]
+        [delivery] = deliveries(server.url, task_id)
+        assert verified(delivery)["data"]["route"] == "POST /mark"
+        refused = await http.post("/echo", content=b"x")
+        assert refused.status_code == 503  # the operator's to fix, not the caller's
+
+
+def test_a_route_webhook_needs_the_middlewares_webhooks() -> None:
+    celery = Celery("no-hooks", broker="redis://127.0.0.1:1/0", backend="redis://127.0.0.1:1/0")
+    routes = {"POST /mark": Route(webhook="https://hooks.example/")}
+    with pytest.raises(ConfigurationError, match="webhooks="):
+        AsyncTaskMiddleware(probe_app, celery_app=celery, routes=routes)
+    for hostile in ("ftp://hooks.example/", "https://hooks.example/\n", "x" * 3000, 5):
+        with pytest.raises(ValueError, match="webhook"):
+            Route(webhook=hostile)  # type: ignore[arg-type]
