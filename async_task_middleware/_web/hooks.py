@@ -128,15 +128,15 @@ def _allowed(rules: Sequence[str], url: SplitResult, host: str, port: int) -> bo
 async def _resolve(host: str, port: int, exact: bool, timeout: float) -> str:
     """The address the delivery will connect to: the first that ``host`` resolves to, when
     all of them may be called."""
-    loop = asyncio.get_running_loop()
     try:
-        async with asyncio.timeout(timeout):
-            found = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, TimeoutError, UnicodeError):
-        raise BadWebhook("the Webhook-URL's host does not resolve") from None
+        # An address written out needs no lookup (and no thread for one); any other form of
+        # one (2130706433, 0x7f.1) goes to the resolver, which reads it as the worker would.
+        found = [str(ipaddress.ip_address(host.strip("[]")))]
+    except ValueError:
+        found = await _lookup(host, port, timeout)
     addresses = []
-    for *_, sockaddr in found:
-        address = ipaddress.ip_address(sockaddr[0])
+    for text in found:
+        address = ipaddress.ip_address(text)
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
         if not exact and (not address.is_global or address.is_multicast):
@@ -145,6 +145,16 @@ async def _resolve(host: str, port: int, exact: bool, timeout: float) -> str:
     if not addresses:
         raise BadWebhook("the Webhook-URL's host does not resolve")
     return addresses[0]
+
+
+async def _lookup(host: str, port: int, timeout: float) -> list[str]:
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            found = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, TimeoutError, UnicodeError):
+        raise BadWebhook("the Webhook-URL's host does not resolve") from None
+    return [str(sockaddr[0]) for *_, sockaddr in found]
 
 
 async def send_cancelled(

@@ -158,9 +158,9 @@ class AsyncTaskMiddleware:
             self._routes = RouteTable(routes, default)
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(str(exc)) from None
-        if self._settings.webhooks is None and isinstance(routes, Mapping):
-            if any(route.webhook is not None for route in routes.values()):
-                raise ConfigurationError("Route(webhook=...) needs the middleware's webhooks=")
+        fixed = isinstance(routes, Mapping) and any(r.webhook for r in routes.values())
+        if fixed and self._settings.webhooks is None:
+            raise ConfigurationError("Route(webhook=...) needs the middleware's webhooks=")
         survive_failover(celery_app)  # before Celery's backend is built: it reads them once
         self._binding = Binding.of(celery_app)
         WRAPPED_APPS[self._settings.name] = id(app)
