@@ -12,6 +12,7 @@ that drift of a noisy machine hits them alike; the table shows the median of the
 from __future__ import annotations
 
 import argparse
+import base64
 import concurrent.futures
 import contextlib
 import datetime
@@ -147,14 +148,16 @@ class Suite:
         self.unwrapped_rps = 15_000.0  # replaced by the throughput run's figure
         self.script = post_script(tmp)
 
-    def serve(self, name: str, http: str = "httptools") -> str:
+    def serve(self, name: str, http: str = "httptools", env: dict[str, str] | None = None) -> str:
         """The contender ``name`` under uvicorn with uvloop and ``http`` (httptools, as
-        production runs it; h11, uvicorn's pure-Python parser, for reference)."""
+        production runs it; h11, uvicorn's pure-Python parser, for reference); ``env``: more
+        of the server's environment (another server of the same app)."""
         key = name if http == "httptools" else f"{name} ({http})"
+        key += " (+env)" if env else ""
         if key not in self.servers:
             server = Uvicorn(
                 f"benchmarks.apps:{name}",
-                self.env,
+                {**self.env, **(env or {})},
                 self.tmp / f"{name}-{http}.log",
                 "--loop",
                 "uvloop",
@@ -166,8 +169,8 @@ class Suite:
             self.servers[key] = server.start()
         return self.servers[key].url
 
-    def worker(self, module: str) -> Worker:
-        worker = Worker(module, self.env, self.tmp / "worker.log").start()
+    def worker(self, module: str, env: dict[str, str] | None = None) -> Worker:
+        worker = Worker(module, {**self.env, **(env or {})}, self.tmp / "worker.log").start()
         self.workers.append(worker)
         return worker
 
@@ -277,6 +280,81 @@ class Suite:
                 )
             results.append((case, medians))
         return results
+
+    # -- webhooks ------------------------------------------------------------------------------
+
+    def webhooks(self, deliveries: int) -> dict[str, float]:
+        """Submissions with a ``Webhook-URL`` against without, on the same server (interleaved
+        rounds); the time from a task's end to the receiver's first byte; ``deliveries`` tasks
+        whose receiver answers 500 to the first attempt, all delivered after the retry, each
+        accepted once."""
+        receiver = Uvicorn(
+            "tests.apps_webhooks:app", self.env, self.tmp / "receiver.log", "--log-level", "warning"
+        ).start()
+        secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+        hooks = {"ATM_WEBHOOK_ALLOW": receiver.url + "/", "ATM_WEBHOOK_SECRET": secret}
+        url = self.serve("middleware", env=hooks)
+        with_hook = self.tmp / "post-webhook.lua"
+        with_hook.write_text(
+            Path(self.script).read_text() + f'wrk.headers["Webhook-URL"] = "{receiver.url}/ok"\n'
+        )
+        rps: dict[str, list[float]] = {"without": [], "with": []}
+        try:
+            for round_ in range(self.rounds):
+                for name in ("without", "with") if round_ % 2 == 0 else ("with", "without"):
+                    script = self.script if name == "without" else str(with_hook)
+                    with self.emptying(True):
+                        rps[name].append(
+                            wrk(f"{url}/words", self.seconds, self.connections, script).rps
+                        )
+                    self.clear_queues()
+            worker = self.worker("examples.wordcount.worker", hooks)
+            http = httpx.Client(base_url=url, timeout=30)
+            lags = []
+            for _ in range(100):
+                self.r.delete("webhooks-received")
+                response = http.post(
+                    "/words",
+                    files={"text": ("t.txt", TEXT.encode())},
+                    headers={"webhook-url": f"{receiver.url}/ok"},
+                )
+                task_id = response.headers["location"].rsplit("/", 1)[1]
+                wait_for(lambda: self.r.llen("webhooks-received") > 0, 30, "the webhook")
+                arrived = json.loads(self.r.lindex("webhooks-received", 0) or b"{}")["at"]
+                meta = json.loads(self.r.get(f"celery-task-meta-{task_id}") or b"{}")
+                ended = datetime.datetime.fromisoformat(meta["date_done"]).timestamp()
+                lags.append(arrived - ended)
+            self.r.delete("webhooks-received")
+            ids = []
+            for _ in range(deliveries):
+                response = http.post(
+                    "/words",
+                    files={"text": ("t.txt", TEXT.encode())},
+                    headers={"webhook-url": f"{receiver.url}/flaky-once"},
+                )
+                ids.append(response.headers["location"].rsplit("/", 1)[1])
+            started = time.monotonic()
+            keys = [f"webhooks-accepted-msg_{task_id}_completed" for task_id in ids]
+
+            def all_accepted() -> bool:
+                return all(self.r.mget(keys))
+
+            wait_for(all_accepted, 300, "every delivery", interval=0.5)
+            took = time.monotonic() - started
+            accepted = [int(v) for v in self.r.mget(keys)]
+            worker.stop()
+            self.workers.remove(worker)
+        finally:
+            receiver.stop()
+        return {
+            "without": statistics.median(rps["without"]),
+            "with": statistics.median(rps["with"]),
+            "lag_ms": 1000 * statistics.median(lags),
+            "lag_p90_ms": 1000 * sorted(lags)[int(0.9 * len(lags))],
+            "delivered": float(sum(1 for a in accepted if a >= 1)),
+            "duplicates": float(sum(a - 1 for a in accepted if a > 1)),
+            "seconds": took,
+        }
 
     # -- event-loop lag ------------------------------------------------------------------------
 
@@ -756,6 +834,19 @@ def _rss(suite: Suite, args: argparse.Namespace) -> None:
     )
 
 
+def _webhooks(suite: Suite, args: argparse.Namespace) -> None:
+    hooks = suite.webhooks(args.deliveries)
+    print(
+        f"submissions with a Webhook-URL {hooks['with']:,.0f}/s, without {hooks['without']:,.0f}/s"
+        f" on the same server (ratio {hooks['with'] / hooks['without']:.2f}x, target >= 0.9); "
+        f"from a task's end to the receiver's first byte: median {hooks['lag_ms']:.1f} ms, p90 "
+        f"{hooks['lag_p90_ms']:.1f} ms (target median <= 50); {args.deliveries:,} deliveries "
+        f"answered 500 the first time: {hooks['delivered']:.0f} delivered after the retry, "
+        f"{hooks['duplicates']:.0f} accepted twice, in {hooks['seconds']:.1f} s",
+        flush=True,
+    )
+
+
 def py_spy() -> str:
     found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(found).exists():
@@ -865,6 +956,7 @@ SECTIONS: dict[str, Callable[[Suite, argparse.Namespace], None]] = {
     "io-celery": _io_celery_alone,
     "large": _large,
     "rss": _rss,
+    "webhooks": _webhooks,
 }
 
 
@@ -880,12 +972,13 @@ def main() -> None:
     parser.add_argument("--drain", type=int, default=5000)
     parser.add_argument("--large-mib", type=int, default=10)
     parser.add_argument("--rss-requests", type=int, default=100_000)
+    parser.add_argument("--deliveries", type=int, default=1000, help="for --only webhooks")
     parser.add_argument("--only", choices=tuple(SECTIONS))
     parser.add_argument(
         "--plots", type=Path, default=plots.OUT, help="where the plots go (the docs read them)"
     )
     args = parser.parse_args()
-    needs_wrk = args.only in (None, "throughput", "lag", "large", "rss")
+    needs_wrk = args.only in (None, "throughput", "lag", "large", "rss", "webhooks")
     if needs_wrk and not shutil.which("wrk"):
         sys.exit("wrk is needed: apt-get install wrk")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))

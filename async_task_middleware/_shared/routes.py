@@ -11,6 +11,8 @@ from urllib.parse import quote
 
 from starlette.routing import compile_path
 
+from .webhooks import parse_events
+
 # Task ids are random UUID4s in canonical form; anything else is a 404 without a backend call.
 _TASK_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
@@ -82,7 +84,7 @@ class Route:
             or not re.fullmatch(r"https?://[!-~]{1,2040}", self.webhook)
         ):
             raise ValueError("Route(webhook=...): an http(s) URL of printable ASCII")
-        if not isinstance(self.webhook_events, str):
+        if not isinstance(self.webhook_events, str) or parse_events([self.webhook_events]) is None:
             raise ValueError("Route(webhook_events=...): e.g. 'started, completed'")
 
 

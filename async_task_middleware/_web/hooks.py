@@ -74,12 +74,26 @@ async def check_hook(
     wanted = parse_events(v.decode("latin-1") for v in events) if events else {"completed"}
     if wanted is None:
         raise BadWebhook("Webhook-Events names only started, progress and completed")
-    url = _parse(urls[0])
+    text, host, port, exact, address = _checked(urls[0], tuple(webhooks.allow))
+    if address is None:
+        address = await _resolve(host, port, exact, timeout)
+    return {"url": text, "address": address, "events": sorted(wanted)}
+
+
+@functools.lru_cache(maxsize=1024)
+def _checked(raw: bytes, rules: tuple[str, ...]) -> tuple[str, str, int, bool, str | None]:
+    """What a URL's text alone decides (the rules, and an address written out), kept for the
+    next submission to the same URL; a name is resolved again each time. A refusal raises,
+    and is not kept."""
+    url = _parse(raw)
     host = url.hostname or ""
     port = url.port or _DEFAULT_PORTS[url.scheme]
-    exact = _allowed(webhooks.allow, url, host, port)
-    address = await _resolve(host, port, exact, timeout)
-    return {"url": url.geturl(), "address": address, "events": sorted(wanted)}
+    exact = _allowed(rules, url, host, port)
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return url.geturl(), host, port, exact, None
+    return url.geturl(), host, port, exact, _public([host.strip("[]")], exact)
 
 
 def _parse(raw: bytes) -> SplitResult:
@@ -128,12 +142,12 @@ def _allowed(rules: Sequence[str], url: SplitResult, host: str, port: int) -> bo
 async def _resolve(host: str, port: int, exact: bool, timeout: float) -> str:
     """The address the delivery will connect to: the first that ``host`` resolves to, when
     all of them may be called."""
-    try:
-        # An address written out needs no lookup (and no thread for one); any other form of
-        # one (2130706433, 0x7f.1) goes to the resolver, which reads it as the worker would.
-        found = [str(ipaddress.ip_address(host.strip("[]")))]
-    except ValueError:
-        found = await _lookup(host, port, timeout)
+    return _public(await _lookup(host, port, timeout), exact)
+
+
+def _public(found: list[str], exact: bool) -> str:
+    """The first of ``found``, when every one is public (or the rule named the host exactly);
+    an IPv4-mapped IPv6 address counts as the IPv4 one it maps."""
     addresses = []
     for text in found:
         address = ipaddress.ip_address(text)

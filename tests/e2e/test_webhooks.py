@@ -299,3 +299,6 @@ def test_a_route_webhook_needs_the_middlewares_webhooks() -> None:
     for hostile in ("ftp://hooks.example/", "https://hooks.example/\n", "x" * 3000, 5):
         with pytest.raises(ValueError, match="webhook"):
             Route(webhook=hostile)  # type: ignore[arg-type]
+    for events in ("", "done", "completed,\u00e9", "x" * 5000):
+        with pytest.raises(ValueError, match="webhook_events"):
+            Route(webhook="https://hooks.example/", webhook_events=events)
