@@ -58,6 +58,7 @@ register_replay(
         secret=os.environ["ATM_TEST_WEBHOOK_SECRET"],
         timeout=float(os.environ.get("ATM_TEST_WEBHOOK_TIMEOUT", 1)),
         schedule=(0.3, 0.3, 0.3),
+        queue=os.environ.get("ATM_TEST_WEBHOOK_QUEUE", "async-task-middleware-webhooks"),
     )
     if os.environ.get("ATM_TEST_WEBHOOK_SECRET")
     else None,

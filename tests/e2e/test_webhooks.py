@@ -9,6 +9,7 @@ import base64
 import json
 import secrets
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -302,3 +303,50 @@ def test_a_route_webhook_needs_the_middlewares_webhooks() -> None:
     for events in ("", "done", "completed,\u00e9", "x" * 5000):
         with pytest.raises(ValueError, match="webhook_events"):
             Route(webhook="https://hooks.example/", webhook_events=events)
+
+
+async def test_on_rabbitmq_the_events_are_published_after_the_outcome(
+    hooked: tuple[RedisServer, Worker, str], private_redis: RedisServer, tmp_path: Path
+) -> None:
+    """RabbitMQ as the broker (the end-of-task script cannot reach it): the completed event is
+    published right after the outcome, a DELETE's from the web side. Queues of the test's own,
+    deleted afterwards."""
+    from kombu import Connection
+
+    from tests.faults.suite import RABBITMQ_URL, rabbitmq_up
+
+    if not rabbitmq_up():
+        pytest.skip("no RabbitMQ on 127.0.0.1:5672")
+    _, _, receiver = hooked
+    replays, hooks = f"replays-{uuid.uuid4().hex}", f"hooks-{uuid.uuid4().hex}"
+    env = {
+        "REDIS_URL": private_redis.url,
+        "BROKER_URL": RABBITMQ_URL,
+        "ATM_TEST_WEBHOOK_SECRET": SECRET,
+        "ATM_TEST_WEBHOOK_QUEUE": hooks,
+    }
+    worker = Worker("tests.worker", env, tmp_path / "worker.log", pool="threads", queues=replays)
+    worker.start()
+    celery = Celery("hooked-amqp", broker=RABBITMQ_URL, backend=private_redis.url)
+    celery.conf.update(
+        task_default_queue=replays, broker_transport_options={"confirm_publish": True}
+    )
+    app = build_probe(celery, webhooks=Webhooks(allow=[receiver + "/"], queue=hooks))
+    try:
+        async with LifespanManager(app), make_client(app) as http:
+            headers = {"webhook-url": f"{receiver}/ok"}
+            done = await submit(http, "/mark?key=hook-amqp", headers=headers)
+            cancelled = await submit(http, "/slow?seconds=30", headers=headers)
+            assert (await final(http, done)).status_code == 200
+            assert (await http.delete(cancelled)).status_code == 204
+        receiver_redis = hooked[0].url
+        [finished] = deliveries(receiver_redis, done.rsplit("/", 1)[1])
+        assert verified(finished)["data"]["status"] == "done"
+        [gone] = deliveries(receiver_redis, cancelled.rsplit("/", 1)[1])
+        assert verified(gone)["data"]["status"] == "cancelled"
+    finally:
+        worker.stop()
+        with Connection(RABBITMQ_URL) as connection:
+            channel = connection.channel()
+            for queue in (replays, hooks):
+                channel.queue_delete(queue)
