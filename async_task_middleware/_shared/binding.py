@@ -231,6 +231,9 @@ class Binding:
     def message_key(self, task_id: str) -> bytes:
         return self.record_prefix + b"message-" + task_id.encode()
 
+    def collection_key(self, owner: str) -> bytes:
+        return self.record_prefix + b"tasks-" + owner.encode()
+
     def owner_set_key(self, owner: str | None) -> bytes:
         return self.record_prefix + b"owner-" + (owner or "").encode()
 

@@ -99,10 +99,15 @@ class Keys:
 
     def __init__(self, secret_key: SecretKey) -> None:
         keys = _key_list(secret_key)
+        self._newest = keys[0]
         self._owner_keys = [_derive(k, b"owner") for k in keys]
         self._fernet = MultiFernet(
             [Fernet(base64.urlsafe_b64encode(_derive(k, b"headers"))) for k in keys]
         )
+
+    def derived(self, purpose: bytes) -> bytes:
+        """A key of its own for ``purpose``, from the newest secret."""
+        return _derive(self._newest, purpose)
 
     def owner_tags(self, identity: bytes) -> list[str]:
         """The identity's keyed hashes, one per key; the first is the one written."""

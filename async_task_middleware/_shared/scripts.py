@@ -21,18 +21,23 @@ Keys of one task (``<p>`` is ``async-task-middleware-``, after Celery's ``global
   and queued tasks per route (score: submission time), kept only when a cap is set.
 - ``<p>idempotency-<app> <owner> <sha256 of the key>``: ``<task id> <request fingerprint>``,
   as long as the result lives.
+- ``<p>tasks-<hash>``: every task of an owner (score: submission time), for the collection
+  (``tasks_path``), kept when one is configured: added by ``SUBMIT``, taken out by ``RETRACT``
+  and ``DELETE``, and by ``LIST`` when it meets a task whose record expired; entries older than
+  twice a record's lifetime leave at the owner's next submission, and the set expires then too.
 
 Scripts, not MULTI: each is one command, runs atomically, and can decide (caps, tombstones).
 """
 
 from __future__ import annotations
 
-# KEYS: record, queue, tombstone, owner set, queued set, idempotency key, message copy
-#       (an unused queue or idempotency key is the record's: every key a script is given is
-#       one an ACL user limited to the library's keys may name)
+# KEYS: record, queue, tombstone, owner set, queued set, idempotency key, message copy,
+#       the owner's collection
+#       (an unused queue, idempotency key or collection is the record's: every key a script is
+#       given is one an ACL user limited to the library's keys may name)
 # ARGV: record, lifetime, message ('' = published through Celery), task id, now,
 #       owner cap ('' = none), queued cap ('' = none), deadline on Redis's clock,
-#       request fingerprint ('' = no idempotency key)
+#       request fingerprint ('' = no idempotency key), '1' to add it to the owner's collection
 # -> {1} accepted, {0} refused (too late, or a tombstone), {-1} owner at cap,
 #    {-2} route queue at cap, {2, task id} the key's earlier task, {3} the key with another
 #    request
@@ -79,6 +84,11 @@ if ARGV[7] ~= '' then
   redis.call('EXPIRE', KEYS[5], ARGV[2])
 end
 if ARGV[9] ~= '' then redis.call('SET', KEYS[6], ARGV[4] .. ' ' .. ARGV[9], 'EX', ARGV[2]) end
+if ARGV[10] == '1' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', now - 2 * tonumber(ARGV[2]))
+  redis.call('ZADD', KEYS[8], now, ARGV[4])
+  redis.call('EXPIRE', KEYS[8], 2 * tonumber(ARGV[2]))
+end
 return {1}
 """
 
@@ -86,7 +96,7 @@ return {1}
 # is settled before the client is answered: either a worker already began it (it was accepted:
 # answer 303), or it is taken back and a tombstone stops a script still on its way.
 # KEYS: record, attempts, tombstone, owner set, queued set, idempotency key (the record's when
-#       none), message copy
+#       none), message copy, the owner's collection (the record's when none)
 # ARGV: task id, lifetime, '1' with an idempotency key
 # -> 1 a worker began it, 0 taken back
 RETRACT = """
@@ -100,6 +110,7 @@ redis.call('DEL', KEYS[1])
 redis.call('SET', KEYS[3], '1', 'EX', ARGV[2])
 redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('ZREM', KEYS[5], ARGV[1])
+if KEYS[8] ~= KEYS[1] then redis.call('ZREM', KEYS[8], ARGV[1]) end
 return 0
 """
 
@@ -120,6 +131,7 @@ if type(owner) == 'string' then
   end
   if not allowed then return {0, ''} end
   redis.call('ZREM', ARGV[1] .. 'owner-' .. owner, ARGV[2])
+  redis.call('ZREM', ARGV[1] .. 'tasks-' .. owner, ARGV[2])
 end
 local hook = ''
 if type(record['webhook']) == 'table' and redis.call('EXISTS', KEYS[4]) == 0 then
@@ -215,4 +227,67 @@ return 1
 """
 
 #: The outcome stored for a task that failed; Celery's meta has the exception.
+# One page of an owner's collection, newest first, from the cursor on: each task's state read
+# where it lies, the expired ones taken out on the way. At most ``budget`` entries are looked
+# at, so that a page costs the same however many tasks the owner has; a page cut short by the
+# budget still returns the cursor to go on from.
+# KEYS: the owner's collection
+# ARGV: key prefix, Celery's meta key prefix, cursor score ('+inf' for the first page), cursor
+#       task id ('' for the first page), limit, budget, route ('' = any), statuses (a space-
+#       separated list, '' = any)
+# -> {next score ('' = the end), next task id, then per task: id, score, status, record,
+#    the first 64 bytes of its result ('' = none), Celery's meta ('' = none)}
+LIST = """
+local prefix, limit, budget = ARGV[1], tonumber(ARGV[5]), tonumber(ARGV[6])
+local wanted = {}
+for status in string.gmatch(ARGV[8], '%S+') do wanted[status] = true end
+local out = {'', ''}
+local found, seen, offset = 0, 0, 0
+local last_score, last_id = '', ''
+local max = ARGV[3]
+if ARGV[4] ~= '' then max = '(' .. ARGV[3] end
+while seen < budget do
+  local batch = redis.call('ZREVRANGEBYSCORE', KEYS[1], max, '-inf', 'WITHSCORES', 'LIMIT',
+                           offset, math.min(100, budget - seen))
+  if #batch == 0 then return out end
+  -- The next batch starts after this one, less what was taken out of it (expired).
+  offset = offset + #batch / 2
+  for i = 1, #batch, 2 do
+    local id, score = batch[i], batch[i + 1]
+    seen = seen + 1
+    if found == limit then
+      out[1], out[2] = last_score, last_id
+      return out
+    end
+    local record = redis.call('GET', prefix .. id)
+    if not record then
+      redis.call('ZREM', KEYS[1], id)
+      offset = offset - 1
+    else
+      local result = redis.call('GETRANGE', prefix .. 'result-' .. id, 0, 63)
+      local status
+      if result == 'FAILED' then status = 'failed'
+      elseif result ~= '' then status = 'done'
+      elseif redis.call('EXISTS', prefix .. 'live-' .. id) == 1 then status = 'running'
+      elseif redis.call('EXISTS', prefix .. 'attempts-' .. id) == 1 then status = 'retrying'
+      else status = 'queued' end
+      local route_ok = ARGV[7] == '' or cjson.decode(record)['route'] == ARGV[7]
+      if route_ok and (ARGV[8] == '' or wanted[status]) then
+        local meta = redis.call('GET', ARGV[2] .. id) or ''
+        table.insert(out, id)
+        table.insert(out, score)
+        table.insert(out, status)
+        table.insert(out, record)
+        table.insert(out, result)
+        table.insert(out, meta)
+        found = found + 1
+      end
+    end
+    last_score, last_id = score, id
+  end
+end
+out[1], out[2] = last_score, last_id
+return out
+"""
+
 FAILED = b"FAILED"

@@ -25,6 +25,7 @@ from .._shared.types import (
     Send,
 )
 from .._shared.webhooks import Webhooks
+from .collection import collection
 from .settings import Settings
 from .status import status
 from .store import TaskStore
@@ -101,6 +102,9 @@ class AsyncTaskMiddleware:
             is enough.
         webhooks: Where a submission's ``Webhook-URL`` may point (``Webhooks(allow=...)``);
             ``None``: webhooks are off, and a submission that asks for one is a 400.
+        tasks_path: Where the owner's collection is served (``"/tasks"``): ``GET`` lists the
+            caller's own tasks, newest first, a page at a time (docs/protocol.md). Needs
+            ``owner``; ``None``: no collection.
         debug: Put the exception type and message of a failed task in its 500.
     """
 
@@ -128,6 +132,7 @@ class AsyncTaskMiddleware:
         max_connections: int = 64,
         replicas: int | None = None,
         webhooks: Webhooks | None = None,
+        tasks_path: str | None = None,
         debug: bool = False,
     ) -> None:
         self.app = app
@@ -150,12 +155,14 @@ class AsyncTaskMiddleware:
             location_base=location_base,
             replicas=replicas,
             webhooks=webhooks,
+            tasks_path=tasks_path,
         )
         if authorize is not None and not callable(authorize):
             raise ConfigurationError(f"authorize={authorize!r}: it must be a function of the scope")
         try:
             default = Route(authorize=authorize, retry_after=self._settings.retry_after)
             self._routes = RouteTable(routes, default)
+            self._default = default
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(str(exc)) from None
         fixed = isinstance(routes, Mapping) and any(r.webhook for r in routes.values())
@@ -185,6 +192,10 @@ class AsyncTaskMiddleware:
                     else:
                         await status(*args, target)
                     return
+                if self._settings.tasks_path is not None and self._is_collection(scope):
+                    store = self._store()
+                    await collection(self._settings, self._default, store, scope, send)
+                    return
             else:
                 mark = scope[REPLAY_KEY]
                 if isinstance(mark, ReplayMark):
@@ -192,6 +203,12 @@ class AsyncTaskMiddleware:
         elif scope["type"] == "lifespan":
             send = self._lifespan_send(send)
         await self.app(scope, receive, send)
+
+    def _is_collection(self, scope: Scope) -> bool:
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        return bool(path == self._settings.tasks_path)
 
     def _lifespan_send(self, send: Send) -> Send:
         """The lifespan's ``send``: the app does not start on a Redis Cluster (the first request

@@ -52,6 +52,7 @@ class Settings:
     location_base: str | None
     replicas: int | None
     webhooks: Webhooks | None = None
+    tasks_path: str | None = None
 
     @classmethod
     def check(
@@ -75,6 +76,7 @@ class Settings:
         location_base: Any,
         replicas: Any = None,
         webhooks: Any = None,
+        tasks_path: Any = None,
     ) -> Settings:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"name={name!r}: it must be a non-empty string")
@@ -105,6 +107,11 @@ class Settings:
             location_base = location_base.rstrip("/")
         if webhooks is not None and not isinstance(webhooks, Webhooks):
             raise ConfigurationError(f"webhooks={webhooks!r}: it must be a Webhooks(...)")
+        if tasks_path is not None:
+            if not isinstance(tasks_path, str) or not re.fullmatch(r"(/[\w.~-]+)+", tasks_path):
+                raise ConfigurationError(f"tasks_path={tasks_path!r}: a path such as '/tasks'")
+            if owner is None:
+                raise ConfigurationError("tasks_path= needs owner=: only owners' tasks are listed")
         if max_tasks_per_owner is not None and owner is None:
             raise ConfigurationError("max_tasks_per_owner= needs owner= to tell owners apart")
         return cls(
@@ -131,6 +138,7 @@ class Settings:
             submit_status=submit_status,
             location_base=location_base,
             webhooks=webhooks,
+            tasks_path=tasks_path,
         )
 
     def owner_tags(self, scope: Mapping[str, Any]) -> list[str]:

@@ -42,6 +42,8 @@ class Submission:
     idempotency_key: bytes | None = None  # the Redis key, not the client's
     fingerprint: str = ""
     webhook: dict[str, Any] | None = None  # kept in the record, for a DELETE's event
+    path: str = ""  # the status path, kept in the record for the owner's collection
+    listed: bool = False  # added to the owner's collection
 
 
 _FAILED_STATES = frozenset({"FAILURE", "REVOKED", "REJECTED"})
@@ -98,3 +100,25 @@ class TaskState:
     @property
     def failed(self) -> bool:
         return self.outcome == FAILED or (self.outcome is None and self._meta_failed)
+
+
+@dataclass(frozen=True)
+class Page:
+    """What one page of an owner's collection asks for."""
+
+    limit: int
+    after: tuple[str, str] | None = None  # the cursor: (score, task id) of the last one seen
+    route: str | None = None
+    statuses: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One task of a page, as ``LIST`` read it."""
+
+    task_id: str
+    score: str
+    status: str
+    record: bytes
+    result: bytes  # the first bytes of its outcome ('' = none yet)
+    meta: bytes  # Celery's meta ('' = none)

@@ -22,10 +22,11 @@ from .._shared import scripts as _scripts
 from .._shared.binding import Binding
 from .._shared.deployment import backend_pool, is_cluster
 from .calls import ReadBatch, again, deadline
+from .collection import read_page
 from .events import Subscriptions
 from .lane import Lane, pack
 from .settle import Settles
-from .state import Outcome, StoreUnavailable, Submission, TaskState
+from .state import Listed, Outcome, Page, StoreUnavailable, Submission, TaskState
 
 CLIENT_NAME = "async-task-middleware-web"
 T = TypeVar("T")
@@ -64,6 +65,7 @@ class TaskStore:
         self._submit = self._redis.register_script(_scripts.SUBMIT)
         self._retract = self._redis.register_script(_scripts.RETRACT)
         self._delete = self._redis.register_script(_scripts.DELETE)
+        self._list = self._redis.register_script(_scripts.LIST)
 
     async def aclose(self) -> None:
         # A settle still under way decides whether a task answered 503 may run: two more
@@ -96,6 +98,8 @@ class TaskStore:
         }
         if sub.webhook is not None:
             record["webhook"] = sub.webhook
+        if sub.path:
+            record["path"] = sub.path
         if sub.idempotency_key is not None:
             record["idempotency"] = sub.idempotency_key.decode()
         record_key = b.record_key(sub.task_id)
@@ -107,6 +111,7 @@ class TaskStore:
             b.queued_set_key(sub.app, sub.route),
             sub.idempotency_key or record_key,
             b.message_key(sub.task_id),
+            self._collection(sub) or record_key,
         ]
         owner_cap = sub.owner_cap if sub.owner is not None else None
         args: list[bytes | bytearray | memoryview | str | int] = [
@@ -122,6 +127,7 @@ class TaskStore:
             "" if sub.queued_cap is None else sub.queued_cap,
             "",  # the deadline on Redis's clock, once the clock's offset is known
             sub.fingerprint,
+            "1" if self._collection(sub) else "",
         ]
         # One deadline for all of it, the clock's measurement included.
         async with self._deadline(timeout):
@@ -195,17 +201,29 @@ class TaskStore:
             b.queued_set_key(sub.app, sub.route),
             sub.idempotency_key or record_key,
             b.message_key(sub.task_id),
+            self._collection(sub) or record_key,
         ]
         args: list[str | int] = [sub.task_id, b.expires, "1" if sub.idempotency_key else ""]
         async with self._deadline():
             return bool(await again(lambda: self._retract(keys=keys, args=args)))
+
+    def _collection(self, sub: Submission) -> bytes | None:
+        """The owner's collection the submission goes into, None when it goes into none."""
+        return self._binding.collection_key(sub.owner) if sub.listed and sub.owner else None
+
+    async def list_tasks(
+        self, owner: str, page: Page
+    ) -> tuple[list[Listed], tuple[str, str] | None]:
+        """One page of ``owner``'s tasks, newest first, in one call (``_web.collection``)."""
+        async with self._deadline():
+            return await again(lambda: read_page(self._list, self._binding, owner, page))
 
     async def settle(self, sub: Submission, seconds: float) -> bool:
         """``retract`` within ``seconds``: True when a worker already began ``sub``. One that
         needs longer goes on in the background while the 503 goes out (``_web.settle``)."""
         return await self._settles.settle(sub, seconds)
 
-    def _decode_meta(self, raw: bytes) -> dict[str, Any]:
+    def decode_meta(self, raw: bytes) -> dict[str, Any]:
         # Plain JSON is the common case and json.loads a third of the cost of the backend's
         # decode, which also handles compressed results and checks the content type.
         if raw[:1] == b"{":
@@ -235,7 +253,7 @@ class TaskStore:
             cast(bytes | None, meta),
             live is not None,
             began is not None,
-            self._decode_meta,
+            self.decode_meta,
             cast(bytes | None, hook),
         )
 

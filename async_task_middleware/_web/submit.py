@@ -98,9 +98,9 @@ async def submit(
     owner = tags[0] if tags else None
     route = target.route
     task_id = str(uuid.uuid4())
+    status_path = f"{target.location}/{task_id}"
     if hook is not None:
         # Absolute, for a receiver elsewhere: on location_base, else the request's own host.
-        status_path = f"{target.location}/{task_id}"
         base = settings.location_base or "request"
         hook["location"] = location(settings, scope, status_path, base=base).decode()
         hook["route"] = target.spec
@@ -115,6 +115,8 @@ async def submit(
         idempotency_key=None if key is None else binding.idempotency_key(settings.name, owner, key),
         fingerprint="" if key is None else fingerprint(scope, body),
         webhook=hook,
+        path=status_path,
+        listed=settings.tasks_path is not None,
     )
     envelope = capture_request(
         scope, app=sub.app, route=sub.route, owner=owner, headers=kept, sealed=sealed
