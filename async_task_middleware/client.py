@@ -13,7 +13,8 @@ them. The final response is returned as the endpoint sent it, whatever its statu
 that gives up (``timeout``, a cancellation, Ctrl-C) deletes the task on the way out.
 ``submit_task`` sends the request and returns the status URL at once, for a caller that is
 called back (``webhook=``: its ``Webhook-URL``) or polls later; ``run_task`` always waits for
-the end, so it takes no webhook.
+the end, so it takes no webhook. ``list_tasks`` goes through the caller's own tasks (the
+server's ``tasks_path``); the command line's ``tasks URL`` prints them.
 
 Needs ``httpx`` (``pip install "async-task-middleware[client]"``; the command line,
 ``python -m async_task_middleware.client``, also uses ``rich``).
@@ -24,14 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
 
-__all__ = ["Progress", "TaskTimeout", "run_task", "run_task_sync", "submit_task"]
+__all__ = ["Progress", "TaskTimeout", "list_tasks", "run_task", "run_task_sync", "submit_task"]
 
 #: Called with each status body while the task runs: ``{"task_id", "status", "progress"}``.
 Progress = Callable[[dict[str, Any]], None]
@@ -173,7 +174,36 @@ async def _stream(http: httpx.AsyncClient, location: str, on_progress: Progress)
 EXIT_OK, EXIT_USAGE, EXIT_TIMEOUT, EXIT_CLIENT_ERROR, EXIT_SERVER_ERROR = 0, 2, 3, 4, 5
 
 
+async def list_tasks(
+    http: httpx.AsyncClient,
+    url: str,
+    *,
+    status: Iterable[str] = (),
+    route: str | None = None,
+    limit: int = 100,
+    **request: Any,
+) -> AsyncIterator[dict[str, Any]]:
+    """Every task the caller owns at the collection ``url`` (the server's ``tasks_path``),
+    newest first, following ``Link: rel=next`` page by page; ``status`` and ``route`` filter
+    them. ``request``: what ``httpx`` takes (``headers=`` with the caller's credentials...)."""
+    params: list[tuple[str, str | int | float | bool | None]] = [("status", s) for s in status]
+    params += [("route", route)] if route else []
+    params.append(("limit", str(limit)))
+    response = await http.get(url, params=params, **request)
+    while True:
+        response.raise_for_status()
+        for task in response.json()["tasks"]:
+            yield task
+        following = response.links.get("next", {}).get("url")
+        if not following:
+            return
+        response = await http.get(str(response.url.join(following)), **request)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["tasks"]:
+        return _tasks(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m async_task_middleware.client",
         description="Send a request to a long-running route and print its final body.",
@@ -224,6 +254,35 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_TIMEOUT
     sys.stdout.write(response.text + ("" if response.text.endswith("\n") else "\n"))
     return _exit_code(response)
+
+
+def _tasks(argv: list[str]) -> int:
+    """``tasks URL``: the caller's tasks at the collection URL, one JSON line each."""
+    parser = argparse.ArgumentParser(
+        prog="python -m async_task_middleware.client tasks",
+        description="List your own tasks, newest first, one JSON line each.",
+    )
+    parser.add_argument("url", help="the server's tasks_path, e.g. http://127.0.0.1:8000/tasks")
+    parser.add_argument("-H", "--header", action="append", default=[], help="'Name: value'")
+    parser.add_argument("--status", action="append", default=[], help="queued, running, ...")
+    parser.add_argument("--route", help="e.g. 'POST /words'")
+    args = parser.parse_args(argv)
+    headers = dict(_header(h) for h in args.header)
+
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=60) as http:
+            found = list_tasks(
+                http, args.url, status=args.status, route=args.route, headers=headers
+            )
+            async for task in found:
+                print(json.dumps(task), flush=True)
+
+    try:
+        anyio.run(run)
+    except httpx.HTTPStatusError as exc:
+        print(exc.response.text, file=sys.stderr)
+        return _exit_code(exc.response)
+    return EXIT_OK
 
 
 def _header(line: str) -> tuple[str, str]:

@@ -147,9 +147,12 @@ def _merged(own: dict[str, Any], added: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def tasks_openapi(schema: dict[str, Any], routes: Iterable[str]) -> dict[str, Any]:
+def tasks_openapi(
+    schema: dict[str, Any], routes: Iterable[str], tasks_path: str | None = None
+) -> dict[str, Any]:
     """``schema`` with the protocol of ``routes`` (``"POST /words"``, as given to the
-    middleware) added; changed in place and returned."""
+    middleware) added, and the owner's collection at ``tasks_path`` when given; changed in
+    place and returned."""
     schema.setdefault("components", {}).setdefault("schemas", {}).update(copy.deepcopy(_SCHEMAS))
     paths = schema.setdefault("paths", {})
     # OpenAPI 3.1's webhooks: what a receiver of a Webhook-URL is sent.
@@ -233,19 +236,102 @@ def tasks_openapi(schema: dict[str, Any], routes: Iterable[str]) -> dict[str, An
                 },
             },
         }
+    if tasks_path is not None:
+        paths[tasks_path] = copy.deepcopy(_COLLECTION)
     return schema
 
 
-def document_tasks(app: Any, routes: Iterable[str]) -> None:
+_COLLECTION: dict[str, Any] = {
+    "get": {
+        "summary": "The caller's own tasks, newest first",
+        "operationId": "async_task_collection",
+        "parameters": [
+            {
+                "name": "status",
+                "in": "query",
+                "schema": {
+                    "type": "array",
+                    "items": {
+                        "type": "string",
+                        "enum": ["queued", "running", "retrying", "done", "failed"],
+                    },
+                },
+                "explode": True,
+            },
+            {"name": "route", "in": "query", "schema": {"type": "string"}},
+            {
+                "name": "limit",
+                "in": "query",
+                "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50},
+            },
+            {
+                "name": "cursor",
+                "in": "query",
+                "schema": {"type": "string"},
+                "description": "The `next` of the page before (also in `Link: rel=next`).",
+            },
+        ],
+        "responses": {
+            "200": {
+                "description": "One page of the caller's tasks.",
+                "headers": {
+                    "Link": {
+                        "schema": {"type": "string"},
+                        "description": "RFC 8288: the next page, rel=next.",
+                    }
+                },
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "tasks": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "properties": {
+                                            "task_id": {"type": "string", "format": "uuid"},
+                                            "location": {"type": "string"},
+                                            "route": {"type": "string"},
+                                            "status": {"type": "string"},
+                                            "created": {"type": "string", "format": "date-time"},
+                                            "ended": {
+                                                "anyOf": [{"type": "string"}, {"type": "null"}]
+                                            },
+                                            "http_status": {
+                                                "anyOf": [{"type": "integer"}, {"type": "null"}]
+                                            },
+                                            "progress": {},
+                                        },
+                                    },
+                                },
+                                "next": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                            },
+                            "required": ["tasks", "next"],
+                        }
+                    }
+                },
+            },
+            "400": _problem("A malformed query, or a cursor not given for this list."),
+            "401": _problem("Refused by the authorize hook."),
+            "404": _problem("No list: an anonymous caller's tasks are never listed."),
+            "503": _problem("The task store is unavailable.", _RETRY_AFTER),
+        },
+    }
+}
+
+
+def document_tasks(app: Any, routes: Iterable[str], tasks_path: str | None = None) -> None:
     """Add the protocol of ``routes`` to the OpenAPI schema a FastAPI or Litestar app serves
-    (``/docs``, ``/openapi.json``; ``/schema`` on Litestar)."""
+    (``/docs``, ``/openapi.json``; ``/schema`` on Litestar), and the owner's collection when
+    ``tasks_path`` (the middleware's) is given."""
     routes = list(routes)
     if callable(getattr(app, "openapi", None)) and hasattr(app, "openapi_schema"):
         original = app.openapi  # FastAPI: the documented way to extend its schema
 
         def openapi() -> dict[str, Any]:
             if app.openapi_schema is None:
-                app.openapi_schema = tasks_openapi(original(), routes)
+                app.openapi_schema = tasks_openapi(original(), routes, tasks_path)
             schema: dict[str, Any] = app.openapi_schema
             return schema
 
@@ -254,7 +340,8 @@ def document_tasks(app: Any, routes: Iterable[str]) -> None:
     for plugin in getattr(app, "plugins", ()):
         if hasattr(plugin, "provide_openapi_schema"):
             # Litestar builds its schema once and keeps it: built here, then extended.
-            plugin._openapi_schema = tasks_openapi(plugin.provide_openapi_schema(), routes)
+            schema = tasks_openapi(plugin.provide_openapi_schema(), routes, tasks_path)
+            plugin._openapi_schema = schema
             return
     raise ConfigurationError(
         f"document_tasks: {type(app).__name__} is not a FastAPI or Litestar app"

@@ -37,7 +37,7 @@ async def health() -> dict[str, bool]:
 
 
 # /docs shows the protocol: the 303, the status path with its 202 and result, the DELETE.
-document_tasks(app, ["POST /words"])
+document_tasks(app, ["POST /words"], tasks_path="/tasks")
 app.add_middleware(
     AsyncTaskMiddleware,
     celery_app=celery_app,

@@ -41,7 +41,7 @@ async def health() -> dict[str, bool]:
 
 litestar_app = Litestar(route_handlers=[count_words, health])
 # /schema shows the protocol: the 303, the status path with its 202 and result, the DELETE.
-document_tasks(litestar_app, ["POST /words"])
+document_tasks(litestar_app, ["POST /words"], tasks_path="/tasks")
 
 app = CORSMiddleware(
     AsyncTaskMiddleware(

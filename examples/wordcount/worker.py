@@ -76,6 +76,8 @@ PROTECTION: dict[str, Any] = {
     "max_tasks_per_owner": 100,
     "max_queued_per_route": 10_000,
     "webhooks": WEBHOOKS,
+    # GET /tasks lists the caller's own tasks (an owner's: anonymous callers have none).
+    "tasks_path": "/tasks",
 }
 
 #: Cross-origin access for a browser page on another origin: it runs in front of the

@@ -100,3 +100,26 @@ def test_the_command_line(served_example: str, tmp_path: Path) -> None:
     invalid = cli("POST", f"{served_example}/words", "-F", "other=x")
     assert invalid.returncode == 4
     assert "text" in invalid.stdout
+
+
+async def test_list_tasks_and_the_tasks_command(served_example: str) -> None:
+    """The example serves the owner's collection at /tasks: the client pages through it, and
+    ``tasks URL`` prints one JSON line a task."""
+    from async_task_middleware.client import list_tasks
+
+    who = {"authorization": f"Bearer lister-{time.time_ns()}"}
+    async with httpx.AsyncClient(base_url=served_example, timeout=30) as http:
+        mine = []
+        for _ in range(5):
+            sent = await http.post("/words", files={"text": ("t", b"a b")}, headers=who)
+            mine.append(sent.headers["location"])
+        listed = [t async for t in list_tasks(http, "/tasks", limit=2, headers=who)]
+        assert [t["location"] for t in listed] == mine[::-1]
+        queued = [t async for t in list_tasks(http, "/tasks", status=["failed"], headers=who)]
+        assert queued == []
+    done = cli("tasks", f"{served_example}/tasks", "-H", f"Authorization: {who['authorization']}")
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [t["location"] for t in lines] == mine[::-1]
+    anonymous = cli("tasks", f"{served_example}/tasks")
+    assert anonymous.returncode == 4
