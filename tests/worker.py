@@ -79,3 +79,11 @@ if os.environ.get("ATM_TEST_METRICS_PORT"):
 def add(a: int, b: int) -> int:
     """A plain Celery task beside the replay, on whichever pool the worker runs."""
     return a + b
+
+
+@celery_app.task(name="tests.count")
+def count(key: str) -> None:
+    """Counts its runs in Redis under ``key``: a message run twice shows."""
+    import redis
+
+    redis.Redis.from_url(REDIS_URL).incr(key)

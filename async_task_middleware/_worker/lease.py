@@ -35,9 +35,16 @@ def visibility_timeout(celery_app: Celery) -> float:
 
 
 def held_delivery_tags() -> list[str]:
-    """The delivery tags of every message this worker holds: reserved or running."""
+    """The delivery tags of every message this worker holds: reserved, running, or waiting for
+    its time (a countdown or an ETA: a webhook's retry), which kombu would otherwise give back
+    to the queue once it waited past the visibility timeout, to run again beside it."""
     tags: list[str] = []
-    for request in (*worker_state.reserved_requests, *worker_state.active_requests):
+    held = (
+        *worker_state.reserved_requests,
+        *worker_state.active_requests,
+        *worker_state.scheduled_requests,
+    )
+    for request in held:
         tag = getattr(request.message, "delivery_tag", None)
         if isinstance(tag, str | bytes):
             tags.append(tag.decode() if isinstance(tag, bytes) else tag)

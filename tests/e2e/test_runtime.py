@@ -97,6 +97,27 @@ async def test_a_replay_five_times_the_visibility_timeout_runs_once(
     assert redis.Redis.from_url(private_redis.url).zcard("unacked_index") == 0
 
 
+async def test_a_countdown_past_the_visibility_timeout_runs_once(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
+    """A message waiting for its time (a webhook's retry is one) is held like a running one:
+    the leases renew it, and a second worker beside it never gets it too."""
+    first = worker_on(private_redis, tmp_path / "a.log").start()
+    second: Worker | None = None
+    key = f"countdown-{uuid.uuid4()}"
+    try:
+        celery_app = Celery("countdown", broker=private_redis.url, backend=private_redis.url)
+        celery_app.send_task("tests.count", args=(key,), countdown=3 * VISIBILITY)
+        await anyio.sleep(1)  # the first worker holds it now, waiting for its time
+        second = worker_on(private_redis, tmp_path / "b.log").start()
+        await anyio.sleep(3 * VISIBILITY + 6)  # its time, and time for a wrong second run
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+    assert runs(private_redis, key) == 1
+
+
 @pytest.mark.parametrize("pool", ["prefork", "threads"])
 async def test_a_replay_that_blocks_its_loop_fails_alone(
     client: httpx.AsyncClient, private_redis: RedisServer, tmp_path: Path, pool: str
