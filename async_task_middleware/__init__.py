@@ -18,6 +18,7 @@ The exceptions, all raised at start or in the worker, never to an HTTP client::
 
 from ._shared.binding import ConfigurationError
 from ._shared.policy import SealError, header_owner
+from ._shared.retry import Retry
 from ._shared.routes import Route
 from ._shared.webhooks import Webhooks
 from ._shared.wire import WireFormatError
@@ -40,6 +41,7 @@ __all__ = [
     "ReplayPool",
     "ReplayTimeLimit",
     "ResponseTooLarge",
+    "Retry",
     "Route",
     "SealError",
     "TaskCancelled",

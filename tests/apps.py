@@ -76,6 +76,26 @@ async def mark(request: Request) -> JSONResponse:
     return JSONResponse({"marked": request.query_params["key"]})
 
 
+async def flaky(request: Request) -> JSONResponse:
+    """Fails its first ``fail`` runs under ``key`` (``how``: ``raise`` a ConnectionError,
+    ``value`` a ValueError, or answer ``503``), then answers how many runs it took."""
+    key = request.query_params["key"]
+    url = os.environ.get("ATM_TEST_COUNTER_URL") or os.environ["REDIS_URL"]
+    client = redis.asyncio.Redis.from_url(url)
+    try:
+        runs = int(await client.incr(key))
+    finally:
+        await client.aclose()
+    if runs <= int(request.query_params.get("fail", "2")):
+        how = request.query_params.get("how", "raise")
+        if how == "raise":
+            raise ConnectionError("the dependency is down")
+        if how == "value":
+            raise ValueError("not a transient failure")
+        return JSONResponse({"down": True}, status_code=503)
+    return JSONResponse({"runs": runs})
+
+
 async def cookies(request: Request) -> Response:
     response = Response(b"two cookies", media_type="text/plain")
     response.set_cookie("a", "1")
@@ -182,6 +202,7 @@ PROBE_ROUTES = [
     "POST /items/{item_id:int}",
     "POST /slow",
     "POST /mark",
+    "POST /flaky",
     "POST /cookies",
     "POST /state",
     "POST /boom",
@@ -209,6 +230,7 @@ def build_probe(
             Route("/items/{item_id:int}", echo, methods=["POST", "GET"]),
             Route("/slow", slow, methods=["POST"]),
             Route("/mark", mark, methods=["POST"]),
+            Route("/flaky", flaky, methods=["POST"]),
             Route("/cookies", cookies, methods=["POST"]),
             Route("/state", state, methods=["POST"]),
             Route("/boom", boom, methods=["POST"]),

@@ -225,6 +225,9 @@ class Binding:
     def tombstone_key(self, task_id: str) -> bytes:
         return self.record_prefix + b"refused-" + task_id.encode()
 
+    def retry_key(self, task_id: str) -> bytes:
+        return self.record_prefix + b"retry-" + task_id.encode()
+
     def webhook_key(self, task_id: str) -> bytes:
         return self.record_prefix + b"webhook-" + task_id.encode()
 

@@ -11,6 +11,7 @@ from urllib.parse import quote
 
 from starlette.routing import compile_path
 
+from .retry import Retry
 from .webhooks import parse_events
 
 # Task ids are random UUID4s in canonical form; anything else is a 404 without a backend call.
@@ -50,6 +51,8 @@ class Route:
             ``webhooks`` rules, at each submission. ``None``: none.
         webhook_events: The events of the route's ``webhook``, as ``Webhook-Events`` names
             them.
+        retries: The route's ``Retry(...)`` policy for transient failures. ``None``: a
+            failure is the task's outcome at once.
     """
 
     authorize: Authorize | None = None
@@ -59,6 +62,7 @@ class Route:
     retry_after: int | None = None
     webhook: str | None = None
     webhook_events: str = "completed"
+    retries: Retry | None = None
 
     def __post_init__(self) -> None:
         if self.authorize is not None and not callable(self.authorize):
@@ -84,6 +88,8 @@ class Route:
             or not re.fullmatch(r"https?://[!-~]{1,2040}", self.webhook)
         ):
             raise ValueError("Route(webhook=...): an http(s) URL of printable ASCII")
+        if self.retries is not None and not isinstance(self.retries, Retry):
+            raise ValueError(f"Route(retries={self.retries!r}): a Retry(...)")
         if not isinstance(self.webhook_events, str) or parse_events([self.webhook_events]) is None:
             raise ValueError("Route(webhook_events=...): e.g. 'started, completed'")
 

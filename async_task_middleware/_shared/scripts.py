@@ -115,7 +115,8 @@ return 0
 """
 
 # DELETE on the status URL: only by the owner (or anyone, for an anonymous task).
-# KEYS: record, meta, attempts, result, heartbeat, message copy, body, webhook delivery state
+# KEYS: record, meta, attempts, result, heartbeat, message copy, body, webhook delivery state,
+#       retry note
 # ARGV: key prefix, task id, the requester's owner hashes (none: anonymous)
 # -> {1, the record's webhook as JSON when the task had not ended ('' otherwise)} deleted,
 #    {0, ''} unknown (or someone else's: the same answer)
@@ -137,7 +138,7 @@ local hook = ''
 if type(record['webhook']) == 'table' and redis.call('EXISTS', KEYS[4]) == 0 then
   hook = cjson.encode(record['webhook'])
 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9])
 if type(record['idempotency']) == 'string' then redis.call('DEL', record['idempotency']) end
 if type(record['app']) == 'string' and type(record['route']) == 'string' then
   redis.call('ZREM', ARGV[1] .. 'queued-' .. record['app'] .. ' ' .. record['route'], ARGV[2])

@@ -13,6 +13,7 @@ from .._shared import metrics as _metrics
 from .._shared.binding import Binding, ConfigurationError, survive_failover
 from .._shared.deployment import CLUSTER_REFUSED
 from .._shared.policy import Owner, SecretKey
+from .._shared.retry import schedule_fits
 from .._shared.routes import Authorize, Route, RouteTable, Submit
 from .._shared.types import (
     REPLAY_KEY,
@@ -170,6 +171,11 @@ class AsyncTaskMiddleware:
             raise ConfigurationError("Route(webhook=...) needs the middleware's webhooks=")
         survive_failover(celery_app)  # before Celery's backend is built: it reads them once
         self._binding = Binding.of(celery_app)
+        if isinstance(routes, Mapping):
+            retried = [(r.retries, r.time_limit) for r in routes.values() if r.retries]
+            too_long = schedule_fits(retried, self._binding.expires)
+            if too_long is not None:
+                raise ConfigurationError(too_long)
         WRAPPED_APPS[self._settings.name] = id(app)
         # Redis connections belong to the event loop that opened them; a process normally has
         # one loop, tests and embedded servers may have several.

@@ -3,6 +3,7 @@ status read's state, from which the answers are made."""
 
 from __future__ import annotations
 
+import datetime
 import enum
 import functools
 import json
@@ -66,6 +67,9 @@ class TaskState:
     #: The webhook's last delivery, as the delivery task wrote it (JSON), None before one.
     raw_hook: bytes | None = None
 
+    #: The note of a retry under way (``_worker.job``: the next attempt, of how many, when).
+    raw_retry: bytes | None = None
+
     @functools.cached_property
     def webhook(self) -> dict[str, Any] | None:
         return None if self.raw_hook is None else json.loads(self.raw_hook)
@@ -95,6 +99,14 @@ class TaskState:
         }
         if self.webhook is not None:
             summary["webhook"] = self.webhook
+        if self.raw_retry is not None and summary["status"] == "retrying":
+            note = json.loads(self.raw_retry)
+            summary["attempt"] = note.get("attempt")
+            summary["attempts"] = note.get("of")
+            at = note.get("at")
+            if isinstance(at, int | float):
+                when = datetime.datetime.fromtimestamp(at, datetime.UTC)
+                summary["next_attempt_at"] = when.isoformat()
         return summary
 
     @property

@@ -241,10 +241,11 @@ class TaskStore:
             b.heartbeat_key(task_id),
             b.attempts_key(task_id),
             b.webhook_key(task_id),
+            b.retry_key(task_id),
         ]
 
     def _state(self, values: list[Any]) -> TaskState:
-        record, outcome, meta, live, began, hook = values
+        record, outcome, meta, live, began, hook, retry = values
         if record is None:
             return TaskState(None)
         return TaskState(
@@ -255,6 +256,7 @@ class TaskStore:
             began is not None,
             self.decode_meta,
             cast(bytes | None, hook),
+            cast(bytes | None, retry),
         )
 
     async def read(self, task_id: str) -> TaskState:
@@ -303,6 +305,7 @@ class TaskStore:
             b.message_key(task_id),
             b.body_key(task_id),
             b.webhook_key(task_id),
+            b.retry_key(task_id),
         ]
         async with self._deadline():
             args: list[bytes | str] = [b.record_prefix, task_id, *owners]

@@ -125,6 +125,8 @@ async def submit(
         envelope["time_limit"] = route.time_limit
     if hook is not None:
         envelope["webhook"] = hook
+    if route.retries is not None:
+        envelope["retries"] = route.retries.wire()
     # For the logs on both sides: the client's request id, and when the task was submitted.
     rid = request_id(headers)
     if rid is not None:

@@ -15,6 +15,7 @@ from .._shared.policy import Keys
 from .apps import Apps
 from .hooks import HookSender
 from .job import Job, LoopBlocked
+from .retries import retry_if_asked
 
 
 @dataclass
@@ -64,6 +65,9 @@ class Runtime:
             job.replace_blocked(exc)
             raise
         except BaseException as exc:
+            if isinstance(exc, Exception):
+                retry_if_asked(job, exc, None)  # raises Celery's Retry when the policy says so
             job.fail(exc)
             raise
+        retry_if_asked(job, None, packed)
         return job.finish(packed)
