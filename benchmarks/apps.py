@@ -28,10 +28,10 @@ from celery.result import AsyncResult
 from fastapi import FastAPI, File, Response, UploadFile
 from fastapi.responses import JSONResponse
 
-from async_task_middleware import AsyncTaskMiddleware
+from async_task_middleware import AsyncTaskMiddleware, header_owner
 from benchmarks.baseline_worker import celery_app as baseline_celery
 from examples.wordcount.fastapi_app import app as middleware
-from examples.wordcount.worker import celery_app
+from examples.wordcount.worker import SECRET_KEY, celery_app
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -129,6 +129,17 @@ async def bare(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 bare_wrapped = AsyncTaskMiddleware(bare, celery_app=celery_app, routes=["POST /words"])
+
+# The owner's collection on its own, with no cap on an owner's tasks: for the list's cost.
+listed = AsyncTaskMiddleware(
+    bare,
+    celery_app=celery_app,
+    routes=["POST /words"],
+    name="listed",
+    owner=header_owner("authorization"),
+    secret_key=SECRET_KEY,
+    tasks_path="/tasks",
+)
 
 
 def _fastapi_health_app() -> FastAPI:

@@ -281,6 +281,34 @@ class Suite:
             results.append((case, medians))
         return results
 
+    # -- the owner's collection ------------------------------------------------------------------
+
+    def collection(self, large: int, reads: int = 200) -> dict[str, float]:
+        """Median seconds of one page (50) of an owner with 10 tasks and of one with
+        ``large``, read in turns."""
+        url = self.serve("listed")
+        http = httpx.Client(base_url=url, timeout=30)
+        small_owner = {"authorization": "Bearer few"}
+        large_owner = {"authorization": "Bearer many"}
+        body = {"text": ("t.txt", TEXT.encode())}
+        for _ in range(10):
+            http.post("/words", files=body, headers=small_owner)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(
+                pool.map(
+                    lambda _: http.post("/words", files=body, headers=large_owner), range(large)
+                )
+            )
+        self.clear_queues()
+        times: dict[str, list[float]] = {"few": [], "many": []}
+        for i in range(2 * reads):
+            name, who = ("few", small_owner) if i % 2 == 0 else ("many", large_owner)
+            started = time.perf_counter()
+            answer = http.get("/tasks?limit=50", headers=who)
+            times[name].append(time.perf_counter() - started)
+            assert answer.status_code == 200, answer.text
+        return {name: statistics.median(values) for name, values in times.items()}
+
     # -- webhooks ------------------------------------------------------------------------------
 
     def webhooks(self, deliveries: int) -> dict[str, float]:
@@ -834,6 +862,16 @@ def _rss(suite: Suite, args: argparse.Namespace) -> None:
     )
 
 
+def _collection(suite: Suite, args: argparse.Namespace) -> None:
+    page = suite.collection(10_000)
+    print(
+        f"a page of 50 of the owner's collection: {page['few'] * 1e3:.2f} ms for an owner of 10 "
+        f"tasks, {page['many'] * 1e3:.2f} ms for one of 10,000 (ratio "
+        f"{page['many'] / page['few']:.2f}x, target <= 2); medians of 200 reads each, in turns",
+        flush=True,
+    )
+
+
 def _webhooks(suite: Suite, args: argparse.Namespace) -> None:
     hooks = suite.webhooks(args.deliveries)
     print(
@@ -957,6 +995,7 @@ SECTIONS: dict[str, Callable[[Suite, argparse.Namespace], None]] = {
     "large": _large,
     "rss": _rss,
     "webhooks": _webhooks,
+    "collection": _collection,
 }
 
 
