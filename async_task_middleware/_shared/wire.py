@@ -162,6 +162,16 @@ def split_response(packed: bytes) -> tuple[bytes, memoryview | None]:
     return _MAGIC_APART + packed[len(_MAGIC) : end], memoryview(packed)[end:]
 
 
+def status_of(head: bytes) -> int | None:
+    """The status of a stored response from its first bytes alone (the header block begins
+    ``[<status>,``); None when they are not those of one."""
+    if head[: len(_MAGIC)] not in (_MAGIC, _MAGIC_APART):
+        return None
+    block = head[_PREFIX : _PREFIX + 8]
+    digits = block[1:4]
+    return int(digits) if block[:1] == b"[" and digits.isdigit() else None
+
+
 def unpack_response(raw: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes | None]:
     """Status, headers and body; the body is None when it is kept apart (its length is the
     ``content-length``)."""

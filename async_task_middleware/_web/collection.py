@@ -24,6 +24,7 @@ from redis.commands.core import AsyncScript
 from .._shared.binding import Binding
 from .._shared.routes import Route
 from .._shared.types import Scope, Send
+from .._shared.wire import status_of
 from .responses import Problem, send_json, send_problem
 from .settings import Settings, authorized, location
 from .state import Listed, Page, StoreUnavailable
@@ -93,7 +94,7 @@ def item(listed: Listed, decode_meta: Any, base: str) -> dict[str, Any]:
     meta = decode_meta(listed.meta) if listed.meta else {}
     result = meta.get("result") if isinstance(meta, dict) else None
     progress = result.get("progress") if isinstance(result, dict) else None
-    http_status = _status_of(listed.result) if listed.status == "done" else None
+    http_status = status_of(listed.result) if listed.status == "done" else None
     ended = meta.get("date_done") if listed.status in ("done", "failed") else None
     created = record.get("created")
     if isinstance(created, int | float):
@@ -108,16 +109,6 @@ def item(listed: Listed, decode_meta: Any, base: str) -> dict[str, Any]:
         "http_status": http_status,
         "progress": progress if listed.status in ("running", "retrying", "queued") else None,
     }
-
-
-def _status_of(head: bytes) -> int | None:
-    """The status code at the start of a stored response's header block (``[200,[...``)."""
-    start = head.find(b"[")
-    end = head.find(b",", start)
-    try:
-        return int(head[start + 1 : end]) if start >= 0 and end > start else None
-    except ValueError:
-        return None
 
 
 async def collection(

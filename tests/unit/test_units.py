@@ -365,3 +365,17 @@ def test_request_id_takes_only_plain_tokens(
     from async_task_middleware._web.headers import request_id
 
     assert request_id(headers) == expected
+
+
+@pytest.mark.parametrize("code", [100, 200, 204, 404, 503, 599])
+def test_a_stored_responses_status_from_its_first_bytes(code: int) -> None:
+    from async_task_middleware._shared.wire import pack_response, split_response, status_of
+
+    # Header blocks of every length: the length prefix may hold a '[' byte of its own.
+    for padding in (0, 1, 91 - 40, 300):
+        packed = pack_response(code, [(b"x-pad", b"p" * padding)], b"body")
+        assert status_of(packed[:64]) == code
+        head, _ = split_response(pack_response(code, [], b"b" * 400_000))
+        assert status_of(head[:64]) == code
+    assert status_of(b"FAILED") is None
+    assert status_of(b"") is None
