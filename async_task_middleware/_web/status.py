@@ -130,9 +130,10 @@ async def answer(
 ) -> None:
     """What the status URL serves for a task in ``state``: its response, its failure, or 202
     (with ``Location``: the status URL itself, which generic pollers follow while 202)."""
-    if state.outcome is not None and state.webhook is not None:
-        # The completion webhook's delivery, beside the final answer: ``state; attempts=N``.
-        hook = state.webhook
+    hook = state.webhook
+    if state.outcome is not None and hook is not None and hook.get("event") == "completed":
+        # The completion webhook's delivery, beside the final answer: ``state; attempts=N``
+        # (an earlier event's delivery does not count: the 202 body showed that one).
         note = f"{hook.get('state')}; attempts={hook.get('attempts')}".encode("ascii", "replace")
         extra = [*extra, (b"webhook-delivery", note)]
     if state.failed:
