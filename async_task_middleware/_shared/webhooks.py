@@ -23,6 +23,8 @@ from .errors import ConfigurationError
 #: The Celery task that delivers one event.
 DELIVER_TASK = "async_task_middleware.webhook"
 EVENTS = frozenset({"started", "progress", "completed"})
+#: The schemes a webhook may use, and the port each means when the URL names none.
+DEFAULT_PORTS = {"http": 80, "https": 443}
 #: Seconds before each retry after the first attempt (Standard Webhooks' schedule), each with
 #: up to a fifth of it as jitter; after the last, the delivery is given up.
 SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0)
@@ -124,6 +126,17 @@ def event(
         "address": hook["address"],
         "payload": json.dumps(body, separators=(",", ":")),
     }
+
+
+def publish(celery_app: Any, queue: str, sent: dict[str, Any]) -> None:
+    """Publish one event's delivery through Celery (blocking: a thread's call)."""
+    celery_app.send_task(
+        DELIVER_TASK,
+        args=(sent,),
+        queue=queue,
+        argsrepr=repr((sent["id"],)),  # what Flower shows: never the URL
+        ignore_result=True,
+    )
 
 
 def wants(hook: dict[str, Any] | None, kind: str) -> bool:

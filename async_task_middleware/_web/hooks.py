@@ -23,13 +23,12 @@ import anyio.to_thread
 
 from .._shared.binding import Binding
 from .._shared.routes import Route
-from .._shared.webhooks import DELIVER_TASK, Webhooks, event, parse_events
+from .._shared.webhooks import DEFAULT_PORTS, Webhooks, event, parse_events, publish
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
 MAX_URL = 2048
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class BadWebhook(ValueError):
@@ -87,7 +86,7 @@ def _checked(raw: bytes, rules: tuple[str, ...]) -> tuple[str, str, int, bool, s
     and is not kept."""
     url = _parse(raw)
     host = url.hostname or ""
-    port = url.port or _DEFAULT_PORTS[url.scheme]
+    port = url.port or DEFAULT_PORTS[url.scheme]
     exact = _allowed(rules, url, host, port)
     try:
         ipaddress.ip_address(host.strip("[]"))
@@ -106,7 +105,7 @@ def _parse(raw: bytes) -> SplitResult:
         url.port  # noqa: B018 (raises on a malformed port)
     except ValueError:
         raise BadWebhook("the Webhook-URL is malformed") from None
-    if url.scheme not in _DEFAULT_PORTS:
+    if url.scheme not in DEFAULT_PORTS:
         raise BadWebhook("the Webhook-URL must be http or https")
     if "@" in url.netloc:
         raise BadWebhook("the Webhook-URL may not carry credentials")
@@ -125,7 +124,7 @@ def _allowed(rules: Sequence[str], url: SplitResult, host: str, port: int) -> bo
             same_place = (
                 allowed.scheme == url.scheme
                 and allowed.hostname == host
-                and (allowed.port or _DEFAULT_PORTS.get(allowed.scheme)) == port
+                and (allowed.port or DEFAULT_PORTS.get(allowed.scheme)) == port
             )
             path = allowed.path or "/"
             if same_place and (url.path or "/").startswith(path):
@@ -179,16 +178,9 @@ async def send_cancelled(
     if settings.webhooks is None:
         return
     sent = event("completed", hook, task_id, status="cancelled")
-    send_task = functools.partial(
-        binding.celery_app.send_task,
-        DELIVER_TASK,
-        args=(sent,),
-        queue=settings.webhooks.queue,
-        argsrepr=repr((sent["id"],)),  # what Flower shows: never the URL
-        ignore_result=True,
-    )
+    send = functools.partial(publish, binding.celery_app, settings.webhooks.queue, sent)
     try:
         with anyio.fail_after(settings.publish_timeout):
-            await anyio.to_thread.run_sync(send_task, abandon_on_cancel=True)
+            await anyio.to_thread.run_sync(send, abandon_on_cancel=True)
     except Exception as exc:
         logger.warning("task %s: its cancelled webhook was not sent: %s", task_id, exc)

@@ -24,12 +24,11 @@ from .._shared.binding import Binding
 from .._shared.deployment import again
 from .._shared.errors import ConfigurationError
 from .._shared.metrics import webhook_attempted
-from .._shared.webhooks import DELIVER_TASK, Webhooks, backoff
+from .._shared.webhooks import DEFAULT_PORTS, DELIVER_TASK, Webhooks, backoff
 
 logger = logging.getLogger(__name__)
 
 _MAX_ANSWER = 64 * 1024
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def register_delivery(celery_app: Celery, binding: Binding, webhooks: Webhooks) -> Task:
@@ -50,7 +49,7 @@ def register_delivery(celery_app: Celery, binding: Binding, webhooks: Webhooks) 
         """One attempt: the receiver's status, None when it could not be reached in time."""
         url = urlsplit(event["url"])
         address = event["address"]
-        port = url.port or _DEFAULT_PORTS[url.scheme]
+        port = url.port or DEFAULT_PORTS[url.scheme]
         pinned = f"[{address}]" if ":" in address else address
         target = url._replace(netloc=f"{pinned}:{port}").geturl()
         body = event["payload"].encode()

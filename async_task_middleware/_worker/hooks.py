@@ -15,7 +15,7 @@ from typing import Any
 
 from .._shared.binding import Binding
 from .._shared.message import MessageTemplates
-from .._shared.webhooks import DELIVER_TASK, Webhooks, event, wants
+from .._shared.webhooks import DELIVER_TASK, Webhooks, event, publish, wants
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +52,7 @@ class HookSender:
         assert hook is not None
         sent = event(kind, hook, task_id, **data)
         try:
-            self._binding.celery_app.send_task(
-                DELIVER_TASK,
-                args=(sent,),
-                queue=self.webhooks.queue,
-                argsrepr=repr((sent["id"],)),  # what Flower shows: never the URL
-                ignore_result=True,
-            )
+            publish(self._binding.celery_app, self.webhooks.queue, sent)
         except Exception as exc:  # the replay's outcome matters more than its event
             logger.warning("task %s: its %s webhook was not sent: %s", task_id, kind, exc)
 
