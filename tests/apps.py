@@ -17,11 +17,12 @@ from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from async_task_middleware import AsyncTaskMiddleware, report_progress
+from async_task_middleware import Route as AtmRoute
 from tests.worker import SECRET_KEY, celery_app
 
 STARTUPS = 0
@@ -197,6 +198,28 @@ async def ws(websocket: WebSocket) -> None:
     await websocket.close()
 
 
+async def stream(request: Request) -> StreamingResponse:
+    """NDJSON, one line of ``size`` bytes every ``delay`` s, ``n`` lines: each says when it was
+    sent, so that a reader can tell pieces that arrive spread out from pieces that arrive at
+    the end. ``?fail=K`` raises after line K."""
+    n = int(request.query_params.get("n", "10"))
+    delay = float(request.query_params.get("delay", "0.1"))
+    size = int(request.query_params.get("size", "64"))
+    fail = int(request.query_params.get("fail", "-1"))
+    static = "static" in request.query_params  # no time in the lines: the same bytes each run
+
+    async def lines() -> AsyncIterator[bytes]:
+        for i in range(n):
+            if i == fail:
+                raise RuntimeError("the stream broke")
+            sent = 0.0 if static else time.time()
+            head = f'{{"i":{i},"sent":{sent:.6f},"pad":"'.encode()
+            yield head + b"x" * max(0, size - len(head) - 3) + b'"}\n'
+            await asyncio.sleep(delay)
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
 PROBE_ROUTES = [
     "POST /echo",
     "POST /items/{item_id:int}",
@@ -214,6 +237,7 @@ PROBE_ROUTES = [
     "POST /block",
     "POST /lag",
     "POST /burst",
+    "POST /stream",
 ]
 
 
@@ -242,6 +266,8 @@ def build_probe(
             Route("/block", block, methods=["POST"]),
             Route("/lag", lag, methods=["POST"]),
             Route("/burst", burst, methods=["POST"]),
+            Route("/stream", stream, methods=["POST"]),
+            Route("/capped", stream, methods=["POST"]),
             Route("/health", health),
             WebSocketRoute("/ws", ws),
         ],
@@ -259,6 +285,15 @@ def build_probe(
 
 
 probe_app = build_probe(celery_app)
+
+# The probe app with a route whose responses may not pass 64 KiB (``Route(max_response_size)``).
+capped_app = build_probe(
+    celery_app,
+    routes={
+        **{spec: AtmRoute() for spec in PROBE_ROUTES},
+        "POST /capped": AtmRoute(max_response_size=64 * 1024),
+    },
+)
 
 # The same probe app behind a mount: its status URLs live under /api.
 mounted_app = Starlette(routes=[Mount("/api", app=probe_app)])

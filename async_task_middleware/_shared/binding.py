@@ -222,6 +222,12 @@ class Binding:
     def heartbeat_key(self, task_id: str) -> bytes:
         return self.record_prefix + b"live-" + task_id.encode()
 
+    def head_key(self, task_id: str) -> bytes:
+        return self.record_prefix + b"head-" + task_id.encode()
+
+    def stream_key(self, task_id: str) -> bytes:
+        return self.record_prefix + b"stream-" + task_id.encode()
+
     def tombstone_key(self, task_id: str) -> bytes:
         return self.record_prefix + b"refused-" + task_id.encode()
 

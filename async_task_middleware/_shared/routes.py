@@ -53,6 +53,9 @@ class Route:
             them.
         retries: The route's ``Retry(...)`` policy for transient failures. ``None``: a
             failure is the task's outcome at once.
+        max_response_size: Bytes the route's response may have, carried in the message (a
+            streamed export may need more than the worker's ``max_response_size``, which
+            ``None`` keeps); a larger one fails the task, a streamed one as it passes it.
     """
 
     authorize: Authorize | None = None
@@ -63,6 +66,7 @@ class Route:
     webhook: str | None = None
     webhook_events: str = "completed"
     retries: Retry | None = None
+    max_response_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.authorize is not None and not callable(self.authorize):
@@ -88,6 +92,9 @@ class Route:
             or not re.fullmatch(r"https?://[!-~]{1,2040}", self.webhook)
         ):
             raise ValueError("Route(webhook=...): an http(s) URL of printable ASCII")
+        size = self.max_response_size
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+            raise ValueError(f"Route(max_response_size={size!r}): a whole number of bytes >= 1")
         if self.retries is not None and not isinstance(self.retries, Retry):
             raise ValueError(f"Route(retries={self.retries!r}): a Retry(...)")
         if not isinstance(self.webhook_events, str) or parse_events([self.webhook_events]) is None:

@@ -13,6 +13,10 @@ Keys of one task (``<p>`` is ``async-task-middleware-``, after Celery's ``global
   reports progress or ends; it wakes waiting requests and event streams (``_web.events``).
 - ``<p>live-<id>``: a heartbeat, renewed while a worker runs the task; a task that began and
   has none is waiting for redelivery ("retrying").
+- ``<p>head-<id>``, ``<p>stream-<id>``: a streamed response while it is produced (``_worker.live``):
+  its head (JSON: status, headers, bytes produced, ended, attempt) and its body so far, which
+  ``STREAM`` appends to in batches. ``FINISH`` deletes both (the outcome holds every byte);
+  ``BEGIN`` too, for a delivery that starts the response again.
 - ``<p>refused-<id>``: a tombstone: a submission answered 503 that must never run.
 - ``<p>message-<id>``: a copy of the task's broker message (``queue``, ``message``), from the
   submission until a worker begins the task, for the sweep after a Redis restart or failover
@@ -116,7 +120,7 @@ return 0
 
 # DELETE on the status URL: only by the owner (or anyone, for an anonymous task).
 # KEYS: record, meta, attempts, result, heartbeat, message copy, body, webhook delivery state,
-#       retry note
+#       retry note, streamed head, streamed body
 # ARGV: key prefix, task id, the requester's owner hashes (none: anonymous)
 # -> {1, the record's webhook as JSON when the task had not ended ('' otherwise)} deleted,
 #    {0, ''} unknown (or someone else's: the same answer)
@@ -138,11 +142,13 @@ local hook = ''
 if type(record['webhook']) == 'table' and redis.call('EXISTS', KEYS[4]) == 0 then
   hook = cjson.encode(record['webhook'])
 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9],
+           KEYS[10], KEYS[11])
 if type(record['idempotency']) == 'string' then redis.call('DEL', record['idempotency']) end
 if type(record['app']) == 'string' and type(record['route']) == 'string' then
   redis.call('ZREM', ARGV[1] .. 'queued-' .. record['app'] .. ' ' .. record['route'], ARGV[2])
 end
+redis.call('PUBLISH', ARGV[1] .. 'events-' .. ARGV[2], 'deleted')
 return {1, hook}
 """
 
@@ -150,7 +156,8 @@ return {1, hook}
 # heartbeat, and give the record its full lifetime again (a task may wait long in the queue).
 # The heartbeat's first value is the delivery's own token: a BEGIN run again for the same
 # delivery (its answer was lost with the connection, in a failover) counts nothing twice.
-# KEYS: record, attempts, queued set, result, heartbeat, message copy
+# KEYS: record, attempts, queued set, result, heartbeat, message copy, streamed head, streamed
+#       body
 # ARGV: lifetime, task id, heartbeat lifetime (ms), events channel, delivery token
 # -> the attempt number; 0 when the record is gone (deleted, expired, refused); -1 when the
 #    task already has its outcome (a redelivery after its worker stored it, then died)
@@ -161,7 +168,7 @@ if redis.call('GET', KEYS[5]) == ARGV[5] then return tonumber(redis.call('GET', 
 local n = redis.call('INCR', KEYS[2])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[2])
-redis.call('DEL', KEYS[6])
+redis.call('DEL', KEYS[6], KEYS[7], KEYS[8])
 redis.call('SET', KEYS[5], ARGV[5], 'PX', ARGV[3])
 redis.call('PUBLISH', ARGV[4], 'running')
 return n
@@ -192,7 +199,7 @@ return alive
 # With a completion webhook on the native Redis broker, its delivery's message goes onto the
 # webhook queue in the same call: a worker killed right after the outcome loses no event.
 # KEYS: record, result, owner set, heartbeat, body, Celery's meta, webhook queue (the record's
-#       when none)
+#       when none), streamed head, streamed body
 # ARGV: outcome, lifetime, task id, events channel, body kept apart ('' = none),
 #       Celery's meta ('' = none: a failure's is Celery's own, written before),
 #       the webhook delivery's message ('' = none)
@@ -206,7 +213,7 @@ if ARGV[6] ~= '' then
 end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('DEL', KEYS[4])
+redis.call('DEL', KEYS[4], KEYS[8], KEYS[9])
 redis.call('ZREM', KEYS[3], ARGV[3])
 redis.call('PUBLISH', ARGV[4], 'done')
 if ARGV[7] ~= '' then redis.call('LPUSH', KEYS[7], ARGV[7]) end
@@ -227,7 +234,31 @@ redis.call('LPUSH', copy[1], copy[2])
 return 1
 """
 
-#: The outcome stored for a task that failed; Celery's meta has the exception.
+# The worker, while a streamed response is produced (``_worker.live``): one batch of its body.
+# The first batch of a delivery replaces what an earlier one left; none is written once the
+# task is deleted or has its outcome (a late batch must not outlive ``FINISH``).
+# KEYS: record, result, streamed head, streamed body
+# ARGV: the batch, the head (JSON), lifetime, events channel, the offset the batch starts at
+#       (0: the delivery's first batch)
+# -> 1 written (or written before: an answer lost with its connection, tried again), 0 not (the
+#    task is gone or ended, or the body is not the length this batch follows)
+STREAM = """
+if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local at = tonumber(ARGV[5])
+if at == 0 then
+  redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[3])
+else
+  local have = redis.call('STRLEN', KEYS[4])
+  if have == at + #ARGV[1] then return 1 end
+  if have ~= at then return 0 end
+  redis.call('APPEND', KEYS[4], ARGV[1])
+  redis.call('EXPIRE', KEYS[4], ARGV[3])
+end
+redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[3])
+redis.call('PUBLISH', ARGV[4], 'piece')
+return 1
+"""
+
 # One page of an owner's collection, newest first, from the cursor on: each task's state read
 # where it lies, the expired ones taken out on the way. At most ``budget`` entries are looked
 # at, so that a page costs the same however many tasks the owner has; a page cut short by the
@@ -291,4 +322,5 @@ out[1], out[2] = last_score, last_id
 return out
 """
 
+#: The outcome stored for a task that failed; Celery's meta has the exception.
 FAILED = b"FAILED"

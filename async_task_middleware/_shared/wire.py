@@ -131,10 +131,10 @@ _PREFIX = len(_MAGIC) + 4
 INLINE_BODY = 64 * 1024
 
 
-def pack_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
-    """The endpoint's response, ready to be served as is: hop-by-hop headers dropped,
-    ``content-length`` recomputed, and ``cache-control: private, no-store`` added when the
-    endpoint set none (the response may belong to one user)."""
+def served_headers(headers: list[tuple[bytes, bytes]]) -> list[list[str]]:
+    """The endpoint's headers as they are served (latin-1 pairs): hop-by-hop ones and
+    ``content-length`` dropped, ``cache-control: private, no-store`` added when the endpoint
+    set none (the response may belong to one user)."""
     kept = [
         [name.lower().decode("latin-1"), value.decode("latin-1")]
         for name, value in headers
@@ -142,6 +142,13 @@ def pack_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes) 
     ]
     if not any(name == "cache-control" for name, _ in kept):
         kept.append(["cache-control", "private, no-store"])
+    return kept
+
+
+def pack_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+    """The endpoint's response, ready to be served as is: its ``served_headers``, with
+    ``content-length`` recomputed."""
+    kept = served_headers(headers)
     kept.append(["content-length", str(len(body))])
     block = json.dumps([status, kept], separators=(",", ":")).encode()
     return b"".join((_MAGIC, len(block).to_bytes(4, "big"), block, body))

@@ -89,3 +89,51 @@ def request_id(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
             if match and match[1] != b"0" * 32:
                 trace = match[1].decode("ascii")
     return trace
+
+
+# RFC 9110 section 14.1.2: one byte range, of the three forms (``N-``, ``N-M``, ``-S``).
+_RANGE = re.compile(rb"bytes=(\d{0,15})-(\d{0,15})")
+
+
+@dataclass(frozen=True, slots=True)
+class ByteRange:
+    """One range as asked: from ``start`` to ``end`` (inclusive, None: to the end), or the last
+    ``suffix`` bytes."""
+
+    start: int | None
+    end: int | None = None
+
+    def resolve(self, length: int) -> tuple[int, int] | None:
+        """The range's first and last byte in a body of ``length`` bytes; None when it holds
+        none of them (a 416)."""
+        if self.start is None:  # the last ``end`` bytes
+            if not self.end or not length:
+                return None
+            return max(0, length - self.end), length - 1
+        if self.start >= length:
+            return None
+        return self.start, length - 1 if self.end is None else min(self.end, length - 1)
+
+
+def parse_range(headers: Iterable[tuple[bytes, bytes]]) -> ByteRange | None:
+    """The one byte range a ``Range`` header asks for; None for none, for several ranges (or
+    several headers), for a malformed one, and under ``If-Range``, whose validator this server
+    cannot check (it sends none): RFC 9110 lets a server ignore ``Range``, and the whole
+    response is then served."""
+    found: bytes | None = None
+    for name, value in headers:
+        if name == b"if-range" or (name == b"range" and found is not None):
+            return None
+        if name == b"range":
+            found = value
+    if found is None:
+        return None
+    match = _RANGE.fullmatch(found.strip())
+    if match is None or not (match[1] or match[2]):
+        return None
+    if not match[1]:
+        return ByteRange(None, int(match[2]))
+    start, end = int(match[1]), int(match[2]) if match[2] else None
+    if end is not None and end < start:
+        return None
+    return ByteRange(start, end)

@@ -27,6 +27,7 @@ class Problem(enum.Enum):
     BODY_TIMEOUT = (408, "body-timeout", "Request Timeout")
     TOO_LARGE = (413, "too-large", "Content Too Large")
     IDEMPOTENCY_CONFLICT = (422, "idempotency-conflict", "Idempotency-Key reused")
+    RANGE_NOT_SATISFIABLE = (416, "range-not-satisfiable", "Range Not Satisfiable")
     TOO_MANY_TASKS = (429, "too-many-tasks", "Too Many Unfinished Tasks")
     FAILED = (500, "task-failed", "Task failed")
     QUEUE_FULL = (503, "queue-full", "Task queue full")

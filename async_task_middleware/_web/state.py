@@ -70,6 +70,16 @@ class TaskState:
     #: The note of a retry under way (``_worker.job``: the next attempt, of how many, when).
     raw_retry: bytes | None = None
 
+    #: The head of a response being streamed (``_worker.live``), None when none has begun.
+    raw_head: bytes | None = None
+
+    @functools.cached_property
+    def head(self) -> Head | None:
+        """The streamed response's head, while it is produced (not once the task ended)."""
+        if self.raw_head is None or self.final:
+            return None
+        return Head.parse(self.raw_head)
+
     @functools.cached_property
     def webhook(self) -> dict[str, Any] | None:
         return None if self.raw_hook is None else json.loads(self.raw_hook)
@@ -97,6 +107,8 @@ class TaskState:
             "status": "running" if self.live else "retrying" if self.began else "queued",
             "progress": progress,
         }
+        if self.head is not None:
+            summary["produced"] = self.head.produced  # bytes of the streamed response so far
         if self.webhook is not None:
             summary["webhook"] = self.webhook
         if self.raw_retry is not None and summary["status"] == "retrying":
@@ -112,6 +124,35 @@ class TaskState:
     @property
     def failed(self) -> bool:
         return self.outcome == FAILED or (self.outcome is None and self._meta_failed)
+
+
+@dataclass(frozen=True)
+class Head:
+    """A streamed response so far: its status and headers (as served), the bytes produced,
+    whether it ended, the delivery that produces it, and the size it may reach."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    produced: int
+    ended: bool
+    attempt: int
+    limit: int
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Head | None:
+        try:
+            head = json.loads(raw)
+            headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in head["headers"]]
+            return cls(
+                int(head["status"]),
+                headers,
+                int(head["produced"]),
+                bool(head["ended"]),
+                int(head["attempt"]),
+                int(head["limit"]),
+            )
+        except (ValueError, TypeError, KeyError, UnicodeError):
+            return None
 
 
 @dataclass(frozen=True)

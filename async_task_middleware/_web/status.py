@@ -19,8 +19,9 @@ from .._shared.routes import STATUS_METHODS, Route, Status
 from .._shared.types import Receive, Scope, Send
 from .._shared.webhooks import wants
 from .._shared.wire import WireFormatError, unpack_response
-from .headers import parse_prefer
+from .headers import ByteRange, parse_prefer, parse_range
 from .hooks import send_cancelled
+from .live import serve_live
 from .responses import Problem, send_json, send_problem, send_response
 from .settings import Settings, authorized, location
 from .state import StoreUnavailable, TaskState
@@ -90,18 +91,33 @@ async def status(
             channel = binding.events_channel(task_id)
             await stream_events(store, channel, task_id, instance, scope, receive, send)
             return
-        wait = parse_prefer(scope.get("headers", ())).wait
+        headers = scope.get("headers", ())
+        wait = parse_prefer(headers).wait
+        wanted = parse_range(headers) if method == "GET" else None
         # Long polls arrive in crowds: their reads are batched (``TaskStore.read_batched``).
         state = await (store.read_batched(task_id) if wait else store.read(task_id))
         visible = state.record is not None and may_see(state.record, tags)
-        if visible and wait and not state.final:
+        channel = binding.events_channel(task_id)
+        if visible and wait and not state.final and state.head is None:
             seconds = min(wait, settings.max_wait)
-            channel = binding.events_channel(task_id)
-            waited = await wait_for_end(store, channel, task_id, seconds, receive)
+            live = method == "GET"
+            waited = await wait_for_end(store, channel, task_id, seconds, receive, live=live)
             if waited is None:
                 return  # the client left: no one to answer
             state = waited
             extra.append((b"preference-applied", b"wait=%d" % seconds))
+        self_url = location(settings, scope, f"{target.location}/{task_id}")
+        if visible and method == "GET" and (wait or wanted) and state.head is not None:
+            # Its response has begun: served live, from its first byte (or the range's).
+
+            async def final(ended: TaskState) -> None:
+                await answer(
+                    *(settings, store, send, instance, task_id, target.route, ended),
+                    *(False, extra, self_url, wanted),
+                )
+
+            await serve_live(store, channel, task_id, send, receive, extra, wanted, final)
+            return
     except StoreUnavailable as exc:
         logger.warning("task store unavailable: %s", exc)
         unavailable = [(b"retry-after", b"%d" % settings.retry_after)]
@@ -110,9 +126,9 @@ async def status(
     if state.record is None or not may_see(state.record, tags):
         await send_problem(send, Problem.NOT_FOUND, instance, head=head)
         return
-    self_url = location(settings, scope, f"{target.location}/{task_id}")
     await answer(
-        settings, store, send, instance, task_id, target.route, state, head, extra, self_url
+        *(settings, store, send, instance, task_id, target.route, state),
+        *(head, extra, self_url, wanted),
     )
 
 
@@ -127,9 +143,11 @@ async def answer(
     head: bool,
     extra: Headers,
     status_url: bytes,
+    wanted: ByteRange | None = None,
 ) -> None:
-    """What the status URL serves for a task in ``state``: its response, its failure, or 202
-    (with ``Location``: the status URL itself, which generic pollers follow while 202)."""
+    """What the status URL serves for a task in ``state``: its response (``wanted``: a range
+    of it, for a 200), its failure, or 202 (with ``Location``: the status URL itself, which
+    generic pollers follow while 202)."""
     hook = state.webhook
     if state.outcome is not None and hook is not None and hook.get("event") == "completed":
         # The completion webhook's delivery, beside the final answer: ``state; attempts=N``
@@ -146,10 +164,27 @@ async def answer(
             logger.error("task %s: stored response unreadable", task_id)
             await send_problem(send, Problem.FAILED, instance, headers=extra, head=head)
             return
+        length = len(body) if body is not None else _length(headers)
+        span = (0, length - 1)
+        if wanted is not None and code == 200:
+            resolved = wanted.resolve(length)
+            if resolved is None:
+                unsatisfiable = [(b"content-range", b"bytes */%d" % length), *extra]
+                await send_problem(
+                    send, Problem.RANGE_NOT_SATISFIABLE, instance, headers=unsatisfiable, head=head
+                )
+                return
+            span, code = resolved, 206
+            headers = [(n, v) for n, v in headers if n != b"content-length"]
+            headers.append((b"content-length", b"%d" % (span[1] - span[0] + 1)))
+            headers.append((b"content-range", b"bytes %d-%d/%d" % (*span, length)))
         if body is None and not head:
-            await _send_apart(settings, store, send, instance, task_id, code, [*headers, *extra])
+            await _send_apart(
+                settings, store, send, instance, task_id, code, [*headers, *extra], span
+            )
         else:
-            await send_response(send, code, [*headers, *extra], body or b"", head=head)
+            piece = (body or b"")[span[0] : span[1] + 1]
+            await send_response(send, code, [*headers, *extra], piece, head=head)
     else:
         assert state.record is not None
         await send_json(
@@ -174,13 +209,13 @@ async def _send_apart(
     task_id: str,
     code: int,
     headers: list[tuple[bytes, bytes]],
+    span: tuple[int, int],
 ) -> None:
-    """A large body, sent piece by piece as it is read. The first piece is read before the
-    answer starts, so that a failure then is still a clean 503; one later (the task deleted
-    while it is sent, Redis lost) can only end the response short, and the server closes
-    the connection."""
-    length = int(next((v for n, v in headers if n == b"content-length"), b"0"))
-    async with contextlib.aclosing(store.body(task_id, length)) as pieces:
+    """A large body (bytes ``span[0]`` to ``span[1]``), sent piece by piece as it is read.
+    The first piece is read before the answer starts, so that a failure then is still a clean
+    503; one later (the task deleted while it is sent, Redis lost) can only end the response
+    short, and the server closes the connection."""
+    async with contextlib.aclosing(store.body(task_id, span[1] + 1, span[0])) as pieces:
         try:
             piece = await anext(pieces, b"")
         except StoreUnavailable as exc:
@@ -197,6 +232,10 @@ async def _send_apart(
             logger.warning("task %s: result body cut short: %s", task_id, exc)
             return
         await send({"type": "http.response.body", "body": piece})
+
+
+def _length(headers: list[tuple[bytes, bytes]]) -> int:
+    return int(next((v for n, v in headers if n == b"content-length"), b"0"))
 
 
 def retry_after(base: int, record: dict[str, Any]) -> bytes:

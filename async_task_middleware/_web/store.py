@@ -242,10 +242,11 @@ class TaskStore:
             b.attempts_key(task_id),
             b.webhook_key(task_id),
             b.retry_key(task_id),
+            b.head_key(task_id),
         ]
 
     def _state(self, values: list[Any]) -> TaskState:
-        record, outcome, meta, live, began, hook, retry = values
+        record, outcome, meta, live, began, hook, retry, head = values
         if record is None:
             return TaskState(None)
         return TaskState(
@@ -257,6 +258,7 @@ class TaskStore:
             self.decode_meta,
             cast(bytes | None, hook),
             cast(bytes | None, retry),
+            cast(bytes | None, head),
         )
 
     async def read(self, task_id: str) -> TaskState:
@@ -278,18 +280,27 @@ class TaskStore:
         connections."""
         return await self._batched.read(task_id)
 
-    async def body(self, task_id: str, length: int) -> AsyncGenerator[bytes, None]:
-        """A body kept apart (``_shared.wire.INLINE_BODY``), in pieces as they are read: through the
-        pool, not the lane, where it would hold up the reads behind it. StoreUnavailable if
-        it is gone meanwhile (deleted, expired) or Redis fails."""
+    async def body(self, task_id: str, length: int, first: int = 0) -> AsyncGenerator[bytes, None]:
+        """A body kept apart (``_shared.wire.INLINE_BODY``), from byte ``first`` to ``length``,
+        in pieces as they are read: through the pool, not the lane, where it would hold up the
+        reads behind it. StoreUnavailable if it is gone meanwhile (deleted, expired) or Redis
+        fails."""
         key = self._binding.body_key(task_id)
-        for start in range(0, length, _BODY_PIECE):
+        for start in range(first, length, _BODY_PIECE):
             end = min(start + _BODY_PIECE, length)
             async with self._deadline():
                 piece = cast(bytes, await self._redis.getrange(key, start, end - 1))
             if len(piece) != end - start:
                 raise StoreUnavailable("the result's body is gone")
             yield piece
+
+    async def streamed(self, task_id: str, start: int, end: int) -> bytes:
+        """Bytes ``start`` to ``end`` of a response being streamed (at most a piece's worth),
+        through the pool; fewer once it ended (its outcome holds them then)."""
+        end = min(end, start + _BODY_PIECE)
+        async with self._deadline():
+            key = self._binding.stream_key(task_id)
+            return cast(bytes, await self._redis.getrange(key, start, end - 1))
 
     async def delete(self, task_id: str, owners: list[str]) -> tuple[bool, dict[str, Any] | None]:
         """Forget the task if ``owners`` may (any of the requester's owner hashes; none for an
@@ -306,6 +317,8 @@ class TaskStore:
             b.body_key(task_id),
             b.webhook_key(task_id),
             b.retry_key(task_id),
+            b.head_key(task_id),
+            b.stream_key(task_id),
         ]
         async with self._deadline():
             args: list[bytes | str] = [b.record_prefix, task_id, *owners]

@@ -5,7 +5,8 @@ submission whose outcome is unknown is settled (``TaskStore.retract``) within wh
 ``publish_timeout``, or after the answer when that is not enough, so a client that retries
 after a 503 never runs the endpoint twice (docs/how-it-works.md: "A 503 promised nothing").
 With ``Prefer: wait=N`` (or the route's ``wait``) a task that ends within the wait is answered
-with its final response, as the status URL would serve it.
+with its final response, as the status URL would serve it, and one whose response begins
+streaming within the wait with that response, live to its end (``_web.live``).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from .body import BodyTooLarge, content_length, fingerprint, read_body
 from .events import Note
 from .headers import BadIdempotencyKey, Prefer, idempotency_key, parse_prefer, request_id
 from .hooks import BadRouteWebhook, BadWebhook, check_hook
+from .live import serve_live
 from .publish import PublishFailed, publish
 from .responses import Problem, send_problem, send_response
 from .settings import Settings, authorized, location
-from .state import Outcome, StoreUnavailable, Submission
+from .state import Outcome, StoreUnavailable, Submission, TaskState
 from .status import answer
 from .store import TaskStore
 from .wait import wait_for_end
@@ -123,6 +125,8 @@ async def submit(
     )
     if route.time_limit is not None:
         envelope["time_limit"] = route.time_limit
+    if route.max_response_size is not None:
+        envelope["max_response_size"] = route.max_response_size
     if hook is not None:
         envelope["webhook"] = hook
     if route.retries is not None:
@@ -175,27 +179,29 @@ async def submit(
         if wait:
             channel = binding.events_channel(task_id)
             own = notes if task_id == sub.task_id else None  # a duplicate: listen to the first
+            extra = [
+                (b"content-location", status_url),
+                (b"preference-applied", b"wait=%d" % wait),
+            ]
+
+            async def final(state: TaskState) -> None:
+                await answer(
+                    *(settings, store, send, status_path, task_id, route, state),
+                    *(False, extra, status_url),
+                )
+
             try:
-                state = await wait_for_end(store, channel, task_id, wait, receive, own)
+                state = await wait_for_end(store, channel, task_id, wait, receive, own, live=True)
+                if state is not None and state.head is not None:
+                    # Its response began within the wait: served live, to its end.
+                    await serve_live(
+                        store, channel, task_id, send, receive, extra, None, final, own
+                    )
+                    return
             except StoreUnavailable:
                 state = None  # the task is accepted: the client reads it at the status URL
             if state is not None and state.final and state.record is not None:
-                extra = [
-                    (b"content-location", status_url),
-                    (b"preference-applied", b"wait=%d" % wait),
-                ]
-                await answer(
-                    settings,
-                    store,
-                    send,
-                    status_path,
-                    task_id,
-                    route,
-                    state,
-                    False,
-                    extra,
-                    status_url,
-                )
+                await final(state)
                 return
     headers_out = [(b"location", status_url), (b"content-length", b"0")]
     if prefer.respond_async:

@@ -28,14 +28,17 @@ async def wait_for_end(
     seconds: float,
     receive: Receive,
     notes: asyncio.Queue[Note] | None = None,
+    *,
+    live: bool = False,
 ) -> TaskState | None:
-    """The task's state once it ended, or after ``seconds``; None when the client left.
-    ``notes``: a subscription already opened (before the task was submitted)."""
+    """The task's state once it ended (or, ``live``, once its response began streaming), or
+    after ``seconds``; None when the client left. ``notes``: a subscription already opened
+    (before the task was submitted)."""
     with waiting():
         if notes is None:
             async with store.events.listen(channel, min(seconds, _CONFIRM_TIMEOUT)) as opened:
-                return await _wait(store, task_id, seconds, receive, opened)
-        return await _wait(store, task_id, seconds, receive, notes)
+                return await _wait(store, task_id, seconds, receive, opened, live)
+        return await _wait(store, task_id, seconds, receive, notes, live)
 
 
 async def _wait(
@@ -44,16 +47,21 @@ async def _wait(
     seconds: float,
     receive: Receive,
     notes: asyncio.Queue[Note],
+    live: bool,
 ) -> TaskState | None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
+
+    def over(state: TaskState) -> bool:
+        return state.final or (live and state.head is not None)
+
     state = await store.read_batched(task_id)
-    if state.final:
+    if over(state):
         return state
     gone = loop.create_task(disconnected(receive))
     try:
         subscribed = True
-        while not state.final:
+        while not over(state):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break

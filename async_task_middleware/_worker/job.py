@@ -32,6 +32,7 @@ from .._shared.wire import check, split_response, unpack_response
 from .backend import STORED, process_backend, success_meta
 from .beat import Beat, Beater, process_beater
 from .hooks import ProgressThrottle
+from .live import Relay
 from .loop import Loop, ReplayTimeLimit, process_loop, replace_process_loop
 from .progress import TaskCancelled, on_event_loop, process_writer
 from .replay import replay
@@ -67,7 +68,7 @@ class Job:
         self.task_id = task_id
         self.backend = process_backend(task)
         self.store = self.backend.client  # the result backend's own (synchronous) client
-        self._begin_script, self._finish_script = runtime.scripts(self.store)
+        self._begin_script, self._finish_script, self._stream_script = runtime.scripts(self.store)
         b = runtime.binding
         check(envelope)  # a foreign or damaged message fails here, stored as its failure
         self.envelope: dict[str, Any] = envelope
@@ -104,6 +105,8 @@ class Job:
             b.result_key(task_id),
             self.heartbeat_key,
             b.message_key(task_id),
+            b.head_key(task_id),
+            b.stream_key(task_id),
         ]
         token = uuid.uuid4().hex  # this delivery's: a BEGIN tried again counts it once
         values = [b.expires, task_id, self.runtime.heartbeat_ms, self.channel, token]
@@ -151,7 +154,12 @@ class Job:
         rt, task_id = self.runtime, self.task_id
         app = rt.apps.get(str(self.envelope.get("app", "")))
         headers = join_headers(self.envelope["headers"], self.envelope.get("sealed"), rt.keys)
-        coro = replay(app, self.envelope, headers, rt.max_response_size, rt.lifespan_timeout)
+        size = _route_size(self.envelope, rt.max_response_size)
+
+        def live(status: int, headers: list[tuple[bytes, bytes]]) -> Relay:
+            return Relay(self._write_stream, status, headers, self.attempt, size)
+
+        coro = replay(app, self.envelope, headers, size, rt.lifespan_timeout, live)
         # One wait: the beater stops a deleted task, the loop's own limit a long one; a replay
         # still running past both has blocked its loop.
         deadline = time.monotonic() + self.limit + HARD_LIMIT_GRACE / 2
@@ -184,6 +192,14 @@ class Job:
         if hooks is not None and self.progress_due.due():
             hooks.send(self.hook, "progress", self.task_id, status="running", progress=data)
         return True
+
+    def _write_stream(self, batch: bytes, head: bytes, offset: int) -> bool:
+        """One batch of a streamed response (``_worker.live``), from a thread of the loop's."""
+        b, task_id = self.runtime.binding, self.task_id
+        keys = [self.record_key, b.result_key(task_id), b.head_key(task_id), b.stream_key(task_id)]
+        values = [batch, head, b.expires, self.channel, offset]
+        written = again(lambda: self._stream_script(keys=keys, args=values), "relaying a piece")
+        return bool(written)
 
     def wait(self) -> bytes:
         """The replay's packed response, once it is done."""
@@ -267,6 +283,8 @@ class Job:
             b.body_key(task_id),
             b.meta_key(task_id),
             self.record_key if message is None or hooks is None else hooks.queue_key(),
+            b.head_key(task_id),
+            b.stream_key(task_id),
         ]
         values = [
             head,
@@ -304,4 +322,12 @@ def _route_limit(envelope: dict[str, Any], default: float) -> float:
     limit = envelope.get("time_limit")
     if isinstance(limit, int | float) and not isinstance(limit, bool) and limit > 0:
         return float(limit)
+    return default
+
+
+def _route_size(envelope: dict[str, Any], default: int) -> int:
+    """The route's own response size limit, carried in the message, else the worker's."""
+    size = envelope.get("max_response_size")
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
     return default

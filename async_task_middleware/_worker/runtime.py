@@ -34,7 +34,7 @@ class Runtime:
     hooks: HookSender | None = None
 
     def __post_init__(self) -> None:
-        self._scripts: dict[int, tuple[Any, Any]] = {}
+        self._scripts: dict[int, tuple[Any, Any, Any]] = {}
         # The delivery the replay pool began, for the trace it runs next on this thread.
         self._handed = threading.local()
 
@@ -42,11 +42,12 @@ class Runtime:
         """``job`` for the task body that runs next on this thread (None: none)."""
         self._handed.job = job
 
-    def scripts(self, store: Any) -> tuple[Any, Any]:
+    def scripts(self, store: Any) -> tuple[Any, Any, Any]:
         if id(store) not in self._scripts:
             self._scripts[id(store)] = (
                 store.register_script(_scripts.BEGIN),
                 store.register_script(_scripts.FINISH),
+                store.register_script(_scripts.STREAM),
             )
         return self._scripts[id(store)]
 
