@@ -14,7 +14,10 @@ that gives up (``timeout``, a cancellation, Ctrl-C) deletes the task on the way 
 ``submit_task`` sends the request and returns the status URL at once, for a caller that is
 called back (``webhook=``: its ``Webhook-URL``) or polls later; ``run_task`` always waits for
 the end, so it takes no webhook. ``list_tasks`` goes through the caller's own tasks (the
-server's ``tasks_path``); the command line's ``tasks URL`` prints them.
+server's ``tasks_path``); the command line's ``tasks URL`` prints them. ``stream_task`` (and
+``run_task(..., stream=True)``) gives the body of a streamed response piece by piece as the
+endpoint produces it, resuming with ``Range`` where a connection drops; ``--stream`` on the
+command line writes them to stdout as they come.
 
 Needs ``httpx`` (``pip install "async-task-middleware[client]"``; the command line,
 ``python -m async_task_middleware.client``, also uses ``rich``).
@@ -27,12 +30,20 @@ import json
 import sys
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import anyio
 import httpx
 
-__all__ = ["Progress", "TaskTimeout", "list_tasks", "run_task", "run_task_sync", "submit_task"]
+__all__ = [
+    "Progress",
+    "TaskTimeout",
+    "list_tasks",
+    "run_task",
+    "run_task_sync",
+    "stream_task",
+    "submit_task",
+]
 
 #: Called with each status body while the task runs: ``{"task_id", "status", "progress"}``.
 Progress = Callable[[dict[str, Any]], None]
@@ -46,6 +57,7 @@ class TaskTimeout(TimeoutError):
         self.location = location
 
 
+@overload
 async def run_task(
     http: httpx.AsyncClient,
     method: str,
@@ -54,15 +66,97 @@ async def run_task(
     wait: int = 30,
     timeout: float | None = None,
     on_progress: Progress | None = None,
+    stream: Literal[False] = False,
     **request: Any,
-) -> httpx.Response:
+) -> httpx.Response: ...
+
+
+@overload
+async def run_task(
+    http: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    wait: int = 30,
+    stream: Literal[True],
+    **request: Any,
+) -> AsyncIterator[bytes]: ...
+
+
+async def run_task(
+    http: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    wait: int = 30,
+    timeout: float | None = None,
+    on_progress: Progress | None = None,
+    stream: bool = False,
+    **request: Any,
+) -> httpx.Response | AsyncIterator[bytes]:
     """Send the request; return the task's final response. ``wait``: seconds each long poll
     may be held (the server caps it). ``request``: what ``httpx`` takes (``json=``,
-    ``files=``, ``headers=``...)."""
+    ``files=``, ``headers=``...). ``stream=True``: the body's pieces instead, as they are
+    produced (``stream_task``)."""
+    if stream:
+        return stream_task(http, method, url, wait=wait, **request)
     headers = httpx.Headers(request.pop("headers", None))
     headers.setdefault("prefer", f"wait={wait}")
     response = await http.request(method, url, headers=headers, **request)
     return await _until_final(http, response, wait, timeout, on_progress)
+
+
+#: How many times in a row a dropped stream is resumed without a byte coming in between.
+RESUMES = 5
+
+
+async def stream_task(
+    http: httpx.AsyncClient, method: str, url: str, *, wait: int = 30, **request: Any
+) -> AsyncIterator[bytes]:
+    """Send the request and yield the response's body in pieces as the endpoint produces
+    them, live through the queue; after a dropped connection, ask again from the byte where
+    it stopped (``Range: bytes=N-``), so that the pieces join into the whole body exactly. The
+    pieces are the bytes as served (with a ``content-encoding``, the encoded ones: ranges
+    count those). A failed task (500), a deleted one (404) or a refusal raises
+    ``httpx.HTTPStatusError``. Leaving the loop early leaves the task running: its whole
+    response stays at the status URL."""
+    headers = httpx.Headers(request.pop("headers", None))
+    headers.setdefault("prefer", f"wait={wait}")
+    offset, status_url, tries = 0, None, 0
+    while True:
+        if status_url is None:
+            opened = http.stream(method, url, headers=headers, **request)
+        else:
+            asked = {"prefer": f"wait={wait}", **({"range": f"bytes={offset}-"} if offset else {})}
+            opened = http.stream("GET", status_url, headers=asked, timeout=None)
+        try:
+            async with opened as response:
+                following = _location(response)
+                if following is not None:  # a 303, or a 202 still: wait on at the status URL
+                    status_url = following
+                    continue
+                if "content-location" in response.headers and status_url is None:
+                    status_url = str(response.url.join(response.headers["content-location"]))
+                if response.status_code not in (200, 206):
+                    await response.aread()
+                    response.raise_for_status()
+                    return  # another success, served whole
+                skip = offset if response.status_code == 200 else 0  # the range was ignored
+                async for piece in response.aiter_raw():
+                    if skip:
+                        piece, skip = piece[skip:], max(0, skip - len(piece))
+                    if piece:
+                        offset += len(piece)
+                        tries = 0
+                        yield piece
+                return
+        except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+            tries += 1
+            if status_url is None or tries > RESUMES:
+                raise
+            # Cut short: the connection dropped, or the task failed or was deleted, which
+            # the status URL now tells.
+            del exc
 
 
 async def submit_task(
@@ -120,7 +214,8 @@ def run_task_sync(method: str, url: str, **options: Any) -> httpx.Response:
 
     async def main() -> httpx.Response:
         async with httpx.AsyncClient(**settings) as http:
-            return await run_task(http, method, url, **options)
+            response: httpx.Response = await run_task(http, method, url, **options)
+            return response
 
     return anyio.run(main)
 
@@ -216,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, help="give up (and delete the task) after S")
     parser.add_argument("--no-wait", action="store_true", help="print the status URL and exit")
     parser.add_argument(
+        "--stream", action="store_true", help="write the body to stdout as it is produced"
+    )
+    parser.add_argument(
         "--webhook", metavar="URL", help="be called back at URL; prints the status URL and exits"
     )
     args = parser.parse_args(argv)
@@ -241,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         location = _location(response)
         print(location if location is not None else response.text)
         return EXIT_OK if location is not None else _exit_code(response)
+    if args.stream:
+        return _streamed(args.method, args.url, request)
     from rich.console import Console
     from rich.progress import Progress as Bar
 
@@ -254,6 +354,23 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_TIMEOUT
     sys.stdout.write(response.text + ("" if response.text.endswith("\n") else "\n"))
     return _exit_code(response)
+
+
+def _streamed(method: str, url: str, request: dict[str, Any]) -> int:
+    """``--stream``: each piece to stdout as it comes."""
+
+    async def run() -> int:
+        async with httpx.AsyncClient(timeout=60) as http:
+            try:
+                async for piece in stream_task(http, method, url, **request):
+                    sys.stdout.buffer.write(piece)
+                    sys.stdout.buffer.flush()
+            except httpx.HTTPStatusError as exc:
+                sys.stdout.write(exc.response.text + "\n")
+                return _exit_code(exc.response)
+        return EXIT_OK
+
+    return anyio.run(run)
 
 
 def _tasks(argv: list[str]) -> int:

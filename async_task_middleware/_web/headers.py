@@ -128,7 +128,7 @@ def parse_range(headers: Iterable[tuple[bytes, bytes]]) -> ByteRange | None:
             found = value
     if found is None:
         return None
-    match = _RANGE.fullmatch(found.strip())
+    match = _RANGE.fullmatch(found.strip().lower())  # the unit is case-insensitive
     if match is None or not (match[1] or match[2]):
         return None
     if not match[1]:

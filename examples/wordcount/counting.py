@@ -1,4 +1,9 @@
-"""The word count the endpoints share, reporting its progress on large texts."""
+"""The word count the endpoints share, reporting its progress on large texts, and a running
+count that streams as it goes."""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
 
 from async_task_middleware import report_progress
 
@@ -20,3 +25,21 @@ def word_count(text: str) -> int:
         if total > CHUNK:
             report_progress(done=start, total=total)
     return words
+
+
+#: Lines of the text counted between two lines of the running count.
+TALLY_LINES = 1
+#: The pause between two lines of the running count: a slow producer, so that the demo
+#: shows the lines arriving one by one.
+TALLY_PAUSE = 0.1
+
+
+async def running_count(text: str) -> AsyncIterator[bytes]:
+    """NDJSON: after each line of ``text``, ``{"line", "words"}`` (the words so far), then
+    ``{"count"}``. The same bytes served in process or relayed live through the queue."""
+    words = 0
+    for number, line in enumerate(text.splitlines(), 1):
+        words += len(line.split())
+        yield json.dumps({"line": number, "words": words}).encode() + b"\n"
+        await asyncio.sleep(TALLY_PAUSE)
+    yield json.dumps({"count": words}).encode() + b"\n"

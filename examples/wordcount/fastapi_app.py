@@ -10,10 +10,10 @@ from typing import Annotated
 
 from fastapi import FastAPI, File, UploadFile
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 
 from async_task_middleware import AsyncTaskMiddleware, document_tasks
-from examples.wordcount.counting import word_count
+from examples.wordcount.counting import running_count, word_count
 from examples.wordcount.worker import CORS, PROTECTION, celery_app
 
 app = FastAPI(title="word count")
@@ -23,6 +23,14 @@ app = FastAPI(title="word count")
 async def count_words(text: Annotated[UploadFile, File()]) -> dict[str, int]:
     content = (await text.read()).decode()
     return {"count": word_count(content)}
+
+
+@app.post("/tally")
+async def tally(text: Annotated[UploadFile, File()]) -> StreamingResponse:
+    """The running count, streamed as NDJSON: marked as long-running, it reaches a caller that
+    waits (``Prefer: wait``) live, line by line, through the queue."""
+    content = (await text.read()).decode()
+    return StreamingResponse(running_count(content), media_type="application/x-ndjson")
 
 
 @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -37,11 +45,11 @@ async def health() -> dict[str, bool]:
 
 
 # /docs shows the protocol: the 303, the status path with its 202 and result, the DELETE.
-document_tasks(app, ["POST /words"], tasks_path="/tasks")
+document_tasks(app, ["POST /words", "POST /tally"], tasks_path="/tasks")
 app.add_middleware(
     AsyncTaskMiddleware,
     celery_app=celery_app,
-    routes=["POST /words"],
+    routes=["POST /words", "POST /tally"],
     name="wordcount-fastapi",
     **PROTECTION,
 )

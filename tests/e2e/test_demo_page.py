@@ -58,3 +58,27 @@ async def test_the_cancel_button_deletes_a_queued_task(
                 assert (await client.get(f"/words/{task_id}")).status_code == 404
         finally:
             server.stop()
+
+
+async def test_the_running_count_arrives_line_by_line(
+    browser: object, served_example: str, tmp_path: Path, logdir: Path
+) -> None:
+    """``POST /tally`` streams a line per line of the text, 0.1 s apart: the page shows the
+    counts while the task still runs in the worker, not only once it is done."""
+    text = tmp_path / "lines.txt"
+    text.write_text("".join(f"word {'x ' * i}\n" for i in range(30)))
+    page = await browser.new_page()  # type: ignore[attr-defined]
+    await page.goto(served_example)
+    await page.set_input_files("#file", str(text))
+    await page.click("#tally")
+    seen: set[str] = set()
+    for _ in range(200):
+        seen.add(await page.text_content("#tally-lines") or "")
+        if (await page.text_content("#tally-status") or "").startswith("done"):
+            break
+        await page.wait_for_timeout(50)
+    assert await page.text_content("#tally-status") == f"done: {30 + sum(range(30))} words"
+    assert await page.text_content("#tally-lines") == "30"
+    between = {value for value in seen if value not in ("0", "30")}
+    assert len(between) >= 5, seen  # lines shown as they came
+    await page.screenshot(path=str(logdir / "demo-page-tally.png"))
