@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 from redis.exceptions import ConnectionError as LostConnection
 from redis.exceptions import RedisError
@@ -83,3 +83,26 @@ class ReadBatch:
         for future, state in zip(batch.values(), states, strict=True):
             if not future.done():
                 future.set_result(state)
+
+
+class Shared:
+    """Identical calls in flight at once, made once: a hundred live readers woken by the same
+    note ask for the same bytes, and one ``GETRANGE`` answers them all (one connection, not a
+    hundred)."""
+
+    def __init__(self) -> None:
+        self._flying: dict[object, asyncio.Task[Any]] = {}
+
+    async def call(self, key: object, make: Callable[[], Awaitable[T]]) -> T:
+        future = self._flying.get(key)
+        if future is None:
+            future = asyncio.get_running_loop().create_task(self._make(key, make))
+            self._flying[key] = future
+        # shield: one caller going away does not cancel the call the others wait on.
+        return cast(T, await asyncio.shield(future))
+
+    async def _make(self, key: object, make: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await make()
+        finally:
+            del self._flying[key]

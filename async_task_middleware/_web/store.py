@@ -21,7 +21,7 @@ from redis.exceptions import NoScriptError, RedisError
 from .._shared import scripts as _scripts
 from .._shared.binding import Binding
 from .._shared.deployment import backend_pool, is_cluster
-from .calls import ReadBatch, again, deadline
+from .calls import ReadBatch, Shared, again, deadline
 from .collection import read_page
 from .events import Subscriptions
 from .lane import Lane, pack
@@ -61,6 +61,7 @@ class TaskStore:
         self._lane = Lane(pool)
         self.events = Subscriptions(self._redis)
         self._batched = ReadBatch(self._read_many)
+        self._shared = Shared()
         self._settles = Settles(self.retract)
         self._submit = self._redis.register_script(_scripts.SUBMIT)
         self._retract = self._redis.register_script(_scripts.RETRACT)
@@ -298,9 +299,13 @@ class TaskStore:
         """Bytes ``start`` to ``end`` of a response being streamed (at most a piece's worth),
         through the pool; fewer once it ended (its outcome holds them then)."""
         end = min(end, start + _BODY_PIECE)
-        async with self._deadline():
-            key = self._binding.stream_key(task_id)
-            return cast(bytes, await self._redis.getrange(key, start, end - 1))
+        key = self._binding.stream_key(task_id)
+
+        async def getrange() -> bytes:
+            async with self._deadline():
+                return cast(bytes, await self._redis.getrange(key, start, end - 1))
+
+        return await self._shared.call((key, start, end), getrange)
 
     async def delete(self, task_id: str, owners: list[str]) -> tuple[bool, dict[str, Any] | None]:
         """Forget the task if ``owners`` may (any of the requester's owner hashes; none for an

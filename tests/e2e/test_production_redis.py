@@ -463,7 +463,7 @@ WEB_RULES = (
     "resetkeys ~async-task-middleware-* ~celery-task-meta-* ~celery "
     "resetchannels &async-task-middleware-events-* "
     "-@all +hello +auth +ping +client|setname +info +time +mget "
-    "+evalsha +eval +script|load +subscribe +unsubscribe "
+    "+evalsha +eval +script|load +subscribe +unsubscribe +publish "
     "+exists +get +getrange +set +del +expire +lpush +hset +zadd +zrem +zremrangebyscore +zcard"
 )
 WORKER_RULES = (
