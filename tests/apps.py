@@ -201,12 +201,14 @@ async def ws(websocket: WebSocket) -> None:
 async def stream(request: Request) -> StreamingResponse:
     """NDJSON, one line of ``size`` bytes every ``delay`` s, ``n`` lines: each says when it was
     sent, so that a reader can tell pieces that arrive spread out from pieces that arrive at
-    the end. ``?fail=K`` raises after line K."""
+    the end. ``?fail=K`` raises after line K; ``?after=S``: a background task sleeps S s after
+    the last line, before the replay's outcome can be stored."""
     n = int(request.query_params.get("n", "10"))
     delay = float(request.query_params.get("delay", "0.1"))
     size = int(request.query_params.get("size", "64"))
     fail = int(request.query_params.get("fail", "-1"))
     static = "static" in request.query_params  # no time in the lines: the same bytes each run
+    after = float(request.query_params.get("after", "0"))
 
     async def lines() -> AsyncIterator[bytes]:
         for i in range(n):
@@ -217,7 +219,8 @@ async def stream(request: Request) -> StreamingResponse:
             yield head + b"x" * max(0, size - len(head) - 3) + b'"}\n'
             await asyncio.sleep(delay)
 
-    return StreamingResponse(lines(), media_type="application/x-ndjson")
+    later = BackgroundTask(asyncio.sleep, after) if after else None
+    return StreamingResponse(lines(), media_type="application/x-ndjson", background=later)
 
 
 PROBE_ROUTES = [

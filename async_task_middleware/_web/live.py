@@ -4,8 +4,9 @@ for its bytes from an offset (``Range``), while the worker relays it (``_worker.
 The reader listens on the task's channel (``_web.events``: one subscription per process, however
 many readers), reads the task's state once subscribed, and again on each note. Each read tells
 how many bytes the response has; the reader sends those it has not sent yet (one ``GETRANGE`` a
-piece, through the pool), and ends the response when the head says it ended, or when the task
-has its outcome (the rest of the bytes then come from it). A task that fails, is deleted, or
+piece, through the pool), and ends the response once the task has its outcome (any bytes not
+sent yet then come from it), never on the head's own word that it ended: a caller told the
+answer is complete finds the same answer at the status URL. A task that fails, is deleted, or
 starts its response again (a new delivery) after the answer began ends it short: the server
 closes the connection without the last chunk, so a reader never takes a cut body for a whole
 one. A caller that goes away stops only its own reader: the task runs on.
@@ -120,9 +121,11 @@ class _Reader:
             if not piece:
                 return False  # it ended meanwhile: the outcome holds the rest
             await self._body(piece)
-        if head.ended or (self.last is not None and self.offset > self.last):
+        if self.last is not None and self.offset > self.last:
             await self.send({"type": "http.response.body", "body": b""})
             return True
+        # Even once the head says the response ended, its last chunk waits for the outcome
+        # (FINISH's note): an answer that looks complete is one the status URL serves too.
         return False
 
     def _end(self, produced: int) -> int:

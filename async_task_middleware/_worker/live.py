@@ -1,10 +1,15 @@
 """A streamed response relayed while it is produced: the endpoint's pieces, in batches, to Redis.
 
 The endpoint's ``send`` only hands a piece to the relay, which never makes it wait on Redis or
-on a reader. One flusher per replay writes what has gathered (``STREAM``) at most
-``BATCH_DELAY`` after its oldest piece was sent, or at once when it holds ``BATCH_SIZE`` or the
-response ended: one call per batch, from a thread, never on the event loop that other replays
-share. A response sent in one piece, as most are, is never relayed: it costs nothing.
+on a reader. One flusher per replay writes what has gathered (``STREAM``): at once when the
+last write began ``BATCH_DELAY`` ago or more (a token after a pause is not held back), else
+``BATCH_DELAY`` after that write began, or sooner when it holds ``BATCH_SIZE`` or the response
+ended. So a piece waits at most ``BATCH_DELAY``, and a task writes (and wakes its readers) at
+most once per ``BATCH_DELAY`` however fast its endpoint sends: one call per batch, from a
+thread, never on the event loop that other replays share. A response sent in one piece, as
+most are, is never relayed: it costs nothing. The end of the response is not a write of its
+own: readers end their answer with the task's outcome (``FINISH`` and its note), so that an
+answer that looks complete is one the status URL already serves.
 
 Redis keeps the body so far as one string (``<p>stream-<id>``), appended to batch by batch, and
 its head beside it (``<p>head-<id>``): byte offsets are what readers ask for (``Range``, the
@@ -24,7 +29,7 @@ from .._shared.wire import served_headers
 
 logger = logging.getLogger(__name__)
 
-#: The longest a piece waits before it is written.
+#: The longest a piece waits before it is written, and the shortest time between two writes.
 BATCH_DELAY = 0.02
 #: A batch this large is written at once.
 BATCH_SIZE = 16 * 1024
@@ -53,6 +58,7 @@ class Relay:
         self._pieces: list[bytes] = []
         self._gathered = 0
         self._oldest = 0.0
+        self._last = -BATCH_DELAY  # when the last write began
         self._written = 0
         self._ended = False
         self._wake = asyncio.Event()
@@ -91,7 +97,7 @@ class Relay:
                 if not self._pieces and not self._ended:
                     await self._wake.wait()
                     continue
-                due = self._oldest + BATCH_DELAY
+                due = max(self._oldest, self._last + BATCH_DELAY)
                 if not self._urgent and self._loop.time() < due:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout_at(due):
@@ -99,10 +105,13 @@ class Relay:
                     if not self._urgent and self._loop.time() < due:
                         continue  # woken by the first piece after a write: wait on
                 batch, ended = b"".join(self._pieces), self._ended
+                if not batch:
+                    return  # the end alone: readers end with the outcome (FINISH's note)
                 self._pieces.clear()
                 self._gathered = 0
                 head = {**self._head, "produced": self._written + len(batch), "ended": ended}
                 encoded = json.dumps(head, separators=(",", ":")).encode()
+                self._last = self._loop.time()
                 written = await self._loop.run_in_executor(
                     None, self._write, batch, encoded, self._written
                 )

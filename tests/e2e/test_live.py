@@ -80,6 +80,23 @@ async def test_a_streamed_response_arrives_live_piece_by_piece(http: httpx.Async
     assert stored.headers["content-length"] == str(len(stored.content))
 
 
+async def test_a_live_answer_ends_only_once_the_status_url_serves_it(
+    http: httpx.AsyncClient,
+) -> None:
+    """The endpoint's last piece is not the task's end: a background task runs after it, before
+    the outcome is stored. The live answer's end waits for the outcome, so the status URL read
+    right after it serves the same response, never a 202."""
+    started = time.monotonic()
+    async with http.stream("POST", "/stream?n=3&delay=0&after=1.5", headers=WAIT) as response:
+        assert response.status_code == 200
+        body = await response.aread()
+        location = response.headers["content-location"]
+    assert time.monotonic() - started >= 1.5  # the background task's sleep included
+    again = await http.get(location.removeprefix(str(http.base_url).rstrip("/")))
+    assert again.status_code == 200
+    assert again.content == body
+
+
 async def test_the_live_bytes_are_the_in_process_responses(http: httpx.AsyncClient) -> None:
     url = "/stream?n=8&delay=0.05&size=3000&static=1"
     async with http.stream("POST", url, headers=WAIT) as response:

@@ -108,6 +108,30 @@ def test_pieces_are_written_in_batches_within_the_delay() -> None:
     assert ["cache-control", "private, no-store"] in heads[0]["headers"]  # type: ignore[operator]
 
 
+def test_a_piece_after_a_pause_is_written_at_once() -> None:
+    """The batch delay holds a piece back only while writes come close together: a token
+    after a quiet moment goes out at once."""
+    lags: list[float] = []
+    sent: list[float] = []
+
+    def write(batch: bytes, head: bytes, offset: int) -> bool:
+        lags.append(time.monotonic() - sent[-1])
+        return True
+
+    async def main() -> None:
+        relay = Relay(write, 200, [], 1, 1000)
+        for _ in range(5):
+            await asyncio.sleep(BATCH_DELAY * 2)
+            sent.append(time.monotonic())
+            relay.add(b"token", False)
+        await asyncio.sleep(BATCH_DELAY * 2)
+        await relay.close()
+
+    asyncio.run(main())
+    assert len(lags) == 5  # five pieces; the end alone is not written (the outcome says it)
+    assert sorted(lags[:5])[2] < BATCH_DELAY / 2, lags
+
+
 def test_a_relay_stops_once_a_write_is_refused() -> None:
     calls = []
 
