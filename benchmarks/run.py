@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import redis
@@ -280,6 +281,122 @@ class Suite:
                 )
             results.append((case, medians))
         return results
+
+    # -- live results ------------------------------------------------------------------------
+
+    def live(self, rounds: int) -> dict[str, Any]:
+        """A streamed response (the probe app's ``/stream``: NDJSON lines that say when each
+        was sent) relayed to a caller waiting on the status URL, against the same endpoint
+        served in process; a 10 MiB one to 1 and to 100 readers at once; and the drain of
+        plain (not streamed) word counts with the relay and without it."""
+        probe = Uvicorn(
+            "tests.apps:probe_app",
+            self.env,
+            self.tmp / "probe.log",
+            *("--loop", "uvloop", "--http", "httptools", "--log-level", "warning"),
+        ).start()
+        worker = self.worker("tests.worker")
+        out: dict[str, Any] = {}
+        try:
+            lines = "n=200&delay=0.02&size=200"
+            lags: dict[str, list[float]] = {"relayed": [], "in process": []}
+            with httpx.Client(base_url=probe.url, timeout=120) as http:
+                for _ in range(rounds):
+                    location = http.post(
+                        f"/stream?{lines}", headers={"prefer": "respond-async"}
+                    ).headers["location"]
+                    wait = {"prefer": "wait=60"}
+                    with http.stream("GET", location, headers=wait) as response:
+                        lags["relayed"] += _line_lags(response)
+                    # /capped is the same endpoint, not marked on the probe app: in process.
+                    with http.stream("POST", f"/capped?{lines}") as response:
+                        lags["in process"] += _line_lags(response)
+            for name, values in lags.items():
+                values.sort()
+                out[f"{name} median"] = statistics.median(values)
+                out[f"{name} p99"] = values[int(len(values) * 0.99)]
+            for readers in (1, 100):
+                out[f"{readers} readers"] = self._fan_out(probe, worker, readers)
+        finally:
+            worker.stop()
+            self.workers.remove(worker)
+            probe.stop()
+        out["drain"] = self._drain_with_and_without_relay(2000, rounds)
+        return out
+
+    def _fan_out(self, probe: Uvicorn, worker: Worker, readers: int) -> dict[str, float]:
+        """A 10 MiB streamed response (160 lines of 64 KiB) read live by ``readers`` callers
+        at once: the time from its submission to the last reader's last byte, MiB/s delivered
+        in all, the peak RSS of the web and the worker process trees, and the web process's
+        Redis connections while they read."""
+        web_pid = probe._proc.pid  # type: ignore[union-attr]
+        worker_pid = worker._proc.pid  # type: ignore[union-attr]
+        web_rss, worker_rss, held = [rss_kib(web_pid)], [rss_kib(worker_pid)], [0]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.1):
+                web_rss.append(rss_kib(web_pid))
+                worker_rss.append(rss_kib(worker_pid))
+                names = [c.get("name") for c in self.r.client_list()]
+                held.append(names.count("async-task-middleware-web"))
+
+        started = time.perf_counter()
+        with httpx.Client(base_url=probe.url, timeout=120) as http:
+            location = http.post(
+                "/stream?n=160&size=65536&delay=0", headers={"prefer": "respond-async"}
+            ).headers["location"]
+
+        def read(_: int) -> int:
+            with (
+                httpx.Client(base_url=probe.url, timeout=120) as own,
+                own.stream("GET", location, headers={"prefer": "wait=60"}) as response,
+            ):
+                return sum(len(piece) for piece in response.iter_raw())
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            with concurrent.futures.ThreadPoolExecutor(readers) as pool:
+                sizes = list(pool.map(read, range(readers)))
+        finally:
+            done.set()
+            sampler.join()
+        seconds = time.perf_counter() - started
+        assert len(set(sizes)) == 1, "every reader got the same bytes"
+        return {
+            "seconds": seconds,
+            "MiB/s": sum(sizes) / 2**20 / seconds,
+            "MiB": sizes[0] / 2**20,
+            "web RSS MiB": max(web_rss) / 1024,
+            "worker RSS MiB": max(worker_rss) / 1024,
+            "connections": max(held),
+        }
+
+    def _drain_with_and_without_relay(self, count: int, rounds: int) -> dict[str, list[float]]:
+        """Tasks per second for ``count`` queued word counts, on the example's worker and on
+        the same worker with the relay switched off (``benchmarks.live_off_worker``), in
+        interleaved rounds."""
+        url = self.serve("middleware")
+        client = httpx.Client(base_url=url)
+        rates: dict[str, list[float]] = {}
+        for round_ in range(rounds):
+            order = [
+                ("with", "examples.wordcount.worker"),
+                ("without", "benchmarks.live_off_worker"),
+            ]
+            for label, module in order[round_ % 2 :] + order[: round_ % 2]:
+                self.r.flushdb()
+                self.r.set("async-task-middleware-redis-run", self.r.info("server")["run_id"])
+                for _ in range(count):
+                    response = client.post("/words", files={"text": ("t.txt", TEXT.encode())})
+                    assert response.status_code == 303
+                worker = self.worker(module)
+                self._wait_results(count, worker)
+                worker.stop()
+                rates.setdefault(label, []).append(self._rate(count))
+        self.r.flushdb()
+        return rates
 
     # -- the owner's collection ------------------------------------------------------------------
 
@@ -885,6 +1002,44 @@ def _webhooks(suite: Suite, args: argparse.Namespace) -> None:
     )
 
 
+def _live(suite: Suite, args: argparse.Namespace) -> None:
+    live = suite.live(args.rounds)
+    print(
+        f"a streamed response's lines (200 of 200 bytes, 20 ms apart), from the endpoint's send "
+        f"to a caller waiting on the status URL: median {live['relayed median'] * 1e3:.1f} ms, "
+        f"p99 {live['relayed p99'] * 1e3:.1f} ms (target median <= 25); the same endpoint in "
+        f"process: median {live['in process median'] * 1e3:.1f} ms, p99 "
+        f"{live['in process p99'] * 1e3:.1f} ms",
+        flush=True,
+    )
+    for readers in (1, 100):
+        fan = live[f"{readers} readers"]
+        print(
+            f"a {fan['MiB']:.1f} MiB streamed response read live by {readers} caller(s): the last "
+            f"byte {fan['seconds']:.2f} s after the submission, {fan['MiB/s']:.0f} MiB/s in all; "
+            f"peak RSS web {fan['web RSS MiB']:.0f} MiB, worker {fan['worker RSS MiB']:.0f} MiB; "
+            f"{fan['connections']:.0f} Redis connections held by the web process",
+            flush=True,
+        )
+    drain = live["drain"]
+    each = ", ".join(
+        f"{w / wo:.2f}x" for w, wo in zip(drain["with"], drain["without"], strict=True)
+    )
+    ratio = statistics.median(drain["with"]) / statistics.median(drain["without"])
+    print(
+        f"drain of 2,000 plain word counts: with the relay {statistics.median(drain['with']):.0f}"
+        f"/s, without {statistics.median(drain['without']):.0f}/s (ratio {ratio:.2f}x, target "
+        f">= 0.97; each round's: {each})",
+        flush=True,
+    )
+
+
+def _line_lags(response: httpx.Response) -> list[float]:
+    """Each NDJSON line's arrival less the time its line says it was sent (one clock)."""
+    assert response.status_code == 200, response.status_code
+    return [time.time() - json.loads(line)["sent"] for line in response.iter_lines() if line]
+
+
 def py_spy() -> str:
     found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(found).exists():
@@ -996,6 +1151,7 @@ SECTIONS: dict[str, Callable[[Suite, argparse.Namespace], None]] = {
     "rss": _rss,
     "webhooks": _webhooks,
     "collection": _collection,
+    "live": _live,
 }
 
 

@@ -40,6 +40,8 @@ _REPLY_MARGIN = 0.25
 _LANE_LIMIT = 256 * 1024
 # A large body is read and sent in pieces of this size.
 _BODY_PIECE = 256 * 1024
+# At most this many pieces of large bodies are read at once, per event loop.
+_BULK_READS = 8
 # How often the offset between this host's clock and Redis's is measured again.
 _CLOCK_SYNC_INTERVAL = 60.0
 
@@ -62,6 +64,7 @@ class TaskStore:
         self.events = Subscriptions(self._redis)
         self._batched = ReadBatch(self._read_many)
         self._shared = Shared()
+        self._bulk = asyncio.Semaphore(_BULK_READS)
         self._settles = Settles(self.retract)
         self._submit = self._redis.register_script(_scripts.SUBMIT)
         self._retract = self._redis.register_script(_scripts.RETRACT)
@@ -289,8 +292,7 @@ class TaskStore:
         key = self._binding.body_key(task_id)
         for start in range(first, length, _BODY_PIECE):
             end = min(start + _BODY_PIECE, length)
-            async with self._deadline():
-                piece = cast(bytes, await self._redis.getrange(key, start, end - 1))
+            piece = await self._getrange(key, start, end)
             if len(piece) != end - start:
                 raise StoreUnavailable("the result's body is gone")
             yield piece
@@ -299,10 +301,16 @@ class TaskStore:
         """Bytes ``start`` to ``end`` of a response being streamed (at most a piece's worth),
         through the pool; fewer once it ended (its outcome holds them then)."""
         end = min(end, start + _BODY_PIECE)
-        key = self._binding.stream_key(task_id)
+        return await self._getrange(self._binding.stream_key(task_id), start, end)
+
+    async def _getrange(self, key: bytes, start: int, end: int) -> bytes:
+        """Bytes ``start`` to ``end`` of ``key``. Readers asking for the same bytes at once
+        share one ``GETRANGE``, and at most ``_BULK_READS`` are under way: a crowd reading large
+        bodies holds that many connections, not one each (Redis serves them one at a time
+        anyway). Waiting for a turn counts against the deadline."""
 
         async def getrange() -> bytes:
-            async with self._deadline():
+            async with self._deadline(), self._bulk:
                 return cast(bytes, await self._redis.getrange(key, start, end - 1))
 
         return await self._shared.call((key, start, end), getrange)
