@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import uuid
 from typing import Any
 
@@ -30,9 +31,11 @@ _ID, _TAG, _REQUEST = range(3)
 class _Template:
     def __init__(self, pieces: list[bytes | int]) -> None:
         self.pieces = pieces
+        # Random, and never sent anywhere: no request can contain it by chance or design.
+        self.marker = secrets.token_hex(16)
 
     def fill(self, task_id: str, envelope: dict[str, Any], body: bytes | bytearray) -> bytearray:
-        marker = uuid.uuid4().hex  # random: no request can contain it by chance or design
+        marker = self.marker
         # Twice JSON, as the message carries it: the task's body is a JSON string in the
         # message's JSON.
         request = json.dumps(json.dumps({**envelope, "body": marker}))[1:-1]

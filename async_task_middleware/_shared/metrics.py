@@ -60,12 +60,21 @@ else:
     )
 
 
+# Each route and answer's counter, looked up once: ``labels()`` takes a lock and builds its key
+# on every call, on every submission's path.
+_COUNTERS: dict[tuple[str, int], Any] = {}
+
+
 def counting(send: Send, route: str) -> Send:
     """``send`` that counts the submission's answer (called only when ``ENABLED``)."""
 
     async def counted(message: Message) -> None:
         if message["type"] == "http.response.start":
-            _SUBMISSIONS.labels(route, str(message["status"])).inc()
+            key = (route, message["status"])
+            child = _COUNTERS.get(key)
+            if child is None:
+                child = _COUNTERS[key] = _SUBMISSIONS.labels(route, str(key[1]))
+            child.inc()
         await send(message)
 
     return counted

@@ -16,16 +16,23 @@ from .state import StoreUnavailable, TaskState
 T = TypeVar("T")
 
 
-async def again(call: Callable[[], Awaitable[T]]) -> T:
+async def again(call: Callable[[], Awaitable[T]], deadline: float | None = None) -> T:
     """Make an idempotent call, again while the connection fails: a Redis restarting, or a
     Sentinel failover under way (no master known yet, or the old one now a replica). The
-    caller's deadline ends the tries."""
+    caller's deadline ends the tries: its own timeout around this, or ``deadline`` (the
+    loop's clock), past which the lost connection is a ``TimeoutError``."""
     delay = 0.02
     while True:
         try:
             return await call()
         except LostConnection:
-            await asyncio.sleep(delay)
+            if deadline is None:
+                await asyncio.sleep(delay)
+            else:
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    raise TimeoutError("Redis did not answer in time") from None
+                await asyncio.sleep(min(delay, left))
             delay = min(2 * delay, 0.5)
 
 

@@ -182,6 +182,9 @@ class AsyncTaskMiddleware:
         self._stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TaskStore] = (
             weakref.WeakKeyDictionary()
         )
+        # The last loop's store, checked first: a server has one loop, and the weak mapping's
+        # lookup costs more than the rest of an unmarked request's path.
+        self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], TaskStore] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Every request of the app passes here: the common case, an HTTP request the
@@ -227,6 +230,7 @@ class AsyncTaskMiddleware:
                     message = {"type": "lifespan.startup.failed", "message": CLUSTER_REFUSED}
             elif message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 store = self._stores.pop(asyncio.get_running_loop(), None)
+                self._last = None
                 if store is not None:
                     await store.aclose()
             await send(message)
@@ -235,6 +239,9 @@ class AsyncTaskMiddleware:
 
     def _store(self) -> TaskStore:
         loop = asyncio.get_running_loop()
+        last = self._last
+        if last is not None and last[0]() is loop:
+            return last[1]
         store = self._stores.get(loop)
         if store is None:
             settings = self._settings
@@ -244,4 +251,5 @@ class AsyncTaskMiddleware:
                 max_connections=settings.max_connections,
             )
             self._stores[loop] = store
+        self._last = (weakref.ref(loop), store)
         return store

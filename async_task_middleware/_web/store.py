@@ -134,27 +134,41 @@ class TaskStore:
             "1" if self._collection(sub) else "",
         ]
         # One deadline for all of it, the clock's measurement included.
-        async with self._deadline(timeout):
-            await self._sync_clock()
-            args[7] = repr(start + self._clock_offset + timeout * (1 - _REPLY_MARGIN))
-            if replicas is None and (message is None or len(message) <= _LANE_LIMIT):
-                answer = await again(lambda: self._evalsha(self._submit, keys, args))
-            elif replicas is None:
-                answer = await again(lambda: self._submit(keys=keys, args=args))
-            else:
-                answer = await again(lambda: self._replicated(keys, args, replicas, timeout))
+        deadline = asyncio.get_running_loop().time() + timeout
+        if time.monotonic() - self._clock_synced >= _CLOCK_SYNC_INTERVAL:
+            async with self._deadline(timeout):
+                await self._sync_clock()
+        args[7] = repr(start + self._clock_offset + timeout * (1 - _REPLY_MARGIN))
+        if replicas is None and (message is None or len(message) <= _LANE_LIMIT):
+            # The lane keeps the deadline itself: no timer of this call's own.
+            try:
+                answer = await again(
+                    lambda: self._evalsha(self._submit, keys, args, deadline), deadline
+                )
+            except (TimeoutError, RedisError, OSError) as exc:
+                raise StoreUnavailable("Redis did not answer in time") from exc
+        else:
+            left = max(deadline - asyncio.get_running_loop().time(), 0.0)
+            async with self._deadline(left):
+                if replicas is None:
+                    answer = await again(lambda: self._submit(keys=keys, args=args))
+                else:
+                    answer = await again(lambda: self._replicated(keys, args, replicas, left))
         outcome = Outcome(answer[0])
         return outcome, answer[1].decode() if outcome is Outcome.DUPLICATE else sub.task_id
 
-    async def _evalsha(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
-        """Run ``script`` on the lane; loaded again when Redis does not know it (restarted,
-        or a replica promoted)."""
+    async def _evalsha(
+        self, script: AsyncScript, keys: list[Any], args: list[Any], deadline: float
+    ) -> Any:
+        """Run ``script`` on the lane by ``deadline`` (the loop's clock); loaded again when
+        Redis does not know it (restarted, or a replica promoted)."""
         command = pack(b"EVALSHA", script.sha, len(keys), *keys, *args)
         try:
-            return await self._lane.call(command)
+            return await self._lane.call(command, deadline)
         except NoScriptError:
-            await self._lane.call(pack(b"SCRIPT", b"LOAD", cast(str | bytes, script.script)))
-            return await self._lane.call(command)
+            load = pack(b"SCRIPT", b"LOAD", cast(str | bytes, script.script))
+            await self._lane.call(load, deadline)
+            return await self._lane.call(command, deadline)
 
     async def _replicated(
         self, keys: list[Any], args: list[Any], replicas: int, timeout: float
@@ -268,11 +282,11 @@ class TaskStore:
     async def read(self, task_id: str) -> TaskState:
         """Everything a status answer needs, in one command and one round trip, on the
         loop's shared pipelined connection (``_web.lane``). Every status request comes here: its
-        deadline is written out, not ``_deadline``'s generator."""
+        deadline is the lane's, with no timer of its own."""
         command = pack(b"MGET", *self._keys(task_id))
+        deadline = asyncio.get_running_loop().time() + self._timeout
         try:
-            async with asyncio.timeout(self._timeout):
-                values = await again(lambda: self._lane.call(command))
+            values = await again(lambda: self._lane.call(command, deadline), deadline)
         except (TimeoutError, RedisError, OSError) as exc:
             raise StoreUnavailable("Redis did not answer in time") from exc
         return self._state(values)

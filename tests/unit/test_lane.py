@@ -9,7 +9,7 @@ import json
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 
 import pytest
@@ -81,7 +81,7 @@ async def test_an_error_reply_fails_its_caller_only(
     ids = _records(lane_redis, store, 50)
     calls = [store.read(task_id) for task_id in ids]
     raising = store._redis.register_script("return redis.error_reply('no')")
-    failing = store._evalsha(raising, [], [])
+    failing = store._evalsha(raising, [], [], _soon(1.0))
     results = await asyncio.gather(*calls[:25], failing, *calls[25:], return_exceptions=True)
     assert isinstance(results[25], redis.ResponseError)
     good = results[:25] + results[26:]
@@ -140,6 +140,45 @@ async def test_a_script_redis_forgot_is_loaded_again(
     lane_redis: RedisServer, store: TaskStore
 ) -> None:
     script = store._redis.register_script("return ARGV[1]")
-    assert await store._evalsha(script, [], [b"one"]) == b"one"
+    assert await store._evalsha(script, [], [b"one"], _soon(1.0)) == b"one"
     redis.Redis.from_url(lane_redis.url).script_flush()
-    assert await store._evalsha(script, [], [b"two"]) == b"two"
+    assert await store._evalsha(script, [], [b"two"], _soon(1.0)) == b"two"
+
+
+async def test_each_caller_fails_at_its_own_deadline(
+    lane_redis: RedisServer, store: TaskStore
+) -> None:
+    """One timer watches every call's deadline: with Redis stalled, a call due in 0.3 s fails
+    then, and the reads due in 1 s (the store's timeout) at theirs, not before, not later."""
+    ids = _records(lane_redis, store, 10)
+    await store.read(ids[0])
+    script = store._redis.register_script("return 1")
+    await store._evalsha(script, [], [], _soon(1.0))  # loaded
+
+    async def timed(call: Awaitable[object]) -> tuple[float, BaseException | None]:
+        started = time.monotonic()
+        try:
+            await call
+        except BaseException as exc:
+            return time.monotonic() - started, exc
+        return time.monotonic() - started, None
+
+    lane_redis.pause()
+    try:
+        reads = [timed(store.read(i)) for i in ids]
+        short = timed(store._evalsha(script, [], [], _soon(0.3)))
+        results = await asyncio.gather(*reads[:5], short, *reads[5:])
+    finally:
+        lane_redis.resume()
+    took, error = results[5]
+    assert isinstance(error, TimeoutError), error
+    assert 0.25 < took < 0.6, took
+    for took, error in results[:5] + results[6:]:
+        assert isinstance(error, StoreUnavailable), error
+        assert 0.9 < took < 1.4, took
+    assert (await store.read(ids[0])).record is not None  # and it recovers
+
+
+def _soon(seconds: float) -> float:
+    """A deadline ``seconds`` from now, on the running loop's clock."""
+    return asyncio.get_running_loop().time() + seconds
