@@ -115,10 +115,11 @@ class Lane:
         owed = [deadline for future, deadline in self._waiting if not future.done()]
         if not owed:
             return
-        if min(owed) <= now and self._conn is not None:
+        first = min(owed)
+        if first > now:
+            self._watch_from(loop, first)
+        elif self._conn is not None:
             self._close(self._conn, TimeoutError("Redis did not answer in time"), now)
-        else:
-            self._watch_from(loop, min(owed))
 
     def _write(self, conn: AbstractConnection, unsent: list[bytes | bytearray]) -> None:
         """The turn's commands, in one write (at the end of the turn they were asked in)."""

@@ -148,7 +148,7 @@ class TaskStore:
             except (TimeoutError, RedisError, OSError) as exc:
                 raise StoreUnavailable("Redis did not answer in time") from exc
         else:
-            left = max(deadline - asyncio.get_running_loop().time(), 0.0)
+            left = max(deadline - asyncio.get_running_loop().time(), 0.001)
             async with self._deadline(left):
                 if replicas is None:
                     answer = await again(lambda: self._submit(keys=keys, args=args))
