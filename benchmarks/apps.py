@@ -6,6 +6,8 @@
 - ``ceiling``: a bare ASGI app doing the least Redis work the protocol needs: one pipelined
   round trip to submit (record + queue push), one GET to poll. No Celery, no framework.
 - ``middleware``: the word-count example on FastAPI (``examples.wordcount.fastapi_app``).
+- ``starlette``: the same on Starlette (``examples.wordcount.starlette_app``): the middleware
+  without FastAPI's own layers.
 - ``bare`` / ``bare_wrapped`` and ``fastapi_plain`` / ``middleware``: an unmarked route,
   without and with the middleware.
 
@@ -31,6 +33,7 @@ from fastapi.responses import JSONResponse
 from async_task_middleware import AsyncTaskMiddleware, header_owner
 from benchmarks.baseline_worker import celery_app as baseline_celery
 from examples.wordcount.fastapi_app import app as middleware
+from examples.wordcount.starlette_app import app as starlette  # noqa: F401 (served by name)
 from examples.wordcount.worker import SECRET_KEY, celery_app
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -70,10 +70,16 @@ def _ms(value: str) -> float:
     return float(number) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}[unit]
 
 
-def wrk(url: str, seconds: float, connections: int, script: str | None = None) -> Figure:
+def wrk(
+    url: str, seconds: float, connections: int, script: str | None = None, auth: str = ""
+) -> Figure:
+    """wrk's figures for ``url`` (``script``: its Lua, for submissions; ``auth``: an
+    ``Authorization`` header on every request)."""
     command = ["wrk", "-t2", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", url]
     if script:
         command[1:1] = ["-s", script]
+    if auth:
+        command[1:1] = ["-H", f"Authorization: {auth}"]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     # The distribution's own lines: "99%" also ends figures such as "80.99%".
@@ -89,27 +95,46 @@ def wrk(url: str, seconds: float, connections: int, script: str | None = None) -
     return Figure(rps, p50, p99, count)
 
 
-def post_script(tmp: Path) -> str:
-    path = tmp / "post.lua"
+def post_script(tmp: Path, owned: bool = False) -> str:
+    """wrk's Lua for the multipart upload; ``owned``: each request with an ``Authorization``
+    of its own (one owner per request, so that the example's cap of 100 unfinished tasks an
+    owner never answers 429), as many signed-in users would send it."""
+    path = tmp / ("post-owned.lua" if owned else "post.lua")
     body = MULTIPART.replace("\\", "\\\\").replace('"', '\\"').replace("\r\n", "\\r\\n")
-    path.write_text(
+    lua = (
         'wrk.method = "POST"\n'
         f'wrk.body = "{body}"\n'
         f'wrk.headers["Content-Type"] = "multipart/form-data; boundary={BOUNDARY}"\n'
     )
+    if owned:
+        lua += (
+            "local n = 0\n"
+            "request = function()\n"
+            "  n = n + 1\n"
+            '  wrk.headers["Authorization"] = "Bearer bench-" .. math.random(1e9) .. "-" .. n\n'
+            "  return wrk.format()\n"
+            "end\n"
+        )
+    path.write_text(lua)
     return str(path)
 
 
-def submit(base: str) -> str:
+#: The owner of the owned polls (any bearer token: the example hashes what it is given).
+AUTH = "Bearer bench-owner"
+
+
+def submit(base: str, auth: str = "") -> str:
     files = {"text": ("t.txt", TEXT.encode())}
-    response = httpx.post(f"{base}/words", files=files, follow_redirects=False)
+    headers = {"authorization": auth} if auth else {}
+    response = httpx.post(f"{base}/words", files=files, headers=headers, follow_redirects=False)
     assert response.status_code == 303, response.text
     return response.headers["location"]
 
 
-def wait_final(base: str, location: str) -> None:
+def wait_final(base: str, location: str, auth: str = "") -> None:
     def done() -> bool:
-        return httpx.get(f"{base}{location}").status_code == 200
+        headers = {"authorization": auth} if auth else {}
+        return httpx.get(f"{base}{location}", headers=headers).status_code == 200
 
     wait_for(done, 60, f"result at {location}", interval=0.1)
 
@@ -131,8 +156,11 @@ def rss_kib(pid: int) -> int:
     return total
 
 
-#: The middleware contender's queued set (``_shared.scripts``): the example's app name and route.
-QUEUED_SET = "async-task-middleware-queued-wordcount-fastapi POST /words"
+#: The middleware contenders' queued sets (``_shared.scripts``): the examples' app names and route.
+QUEUED_SETS = [
+    "async-task-middleware-queued-wordcount-fastapi POST /words",
+    "async-task-middleware-queued-wordcount-starlette POST /words",
+]
 
 
 class Suite:
@@ -148,6 +176,7 @@ class Suite:
         self.workers: list[Worker] = []
         self.unwrapped_rps = 15_000.0  # replaced by the throughput run's figure
         self.script = post_script(tmp)
+        self.owned_script = post_script(tmp, owned=True)
 
     def serve(self, name: str, http: str = "httptools", env: dict[str, str] | None = None) -> str:
         """The contender ``name`` under uvicorn with uvloop and ``http`` (httptools, as
@@ -184,7 +213,7 @@ class Suite:
     def clear_queues(self) -> None:
         # By name: a SCAN over the keys the runs leave behind (a record and a message copy
         # per submission) would take longer than the run, and load Redis meanwhile.
-        self.r.delete("celery", "baseline", "ceiling-queue", QUEUED_SET)
+        self.r.delete("celery", "baseline", "ceiling-queue", *QUEUED_SETS)
 
     @contextlib.contextmanager
     def emptying(self, active: bool) -> Iterator[None]:
@@ -218,42 +247,68 @@ class Suite:
     # -- throughput and latency, interleaved -------------------------------------------------
 
     def throughput(self) -> list[tuple[str, dict[str, Figure]]]:
-        contenders = ("baseline", "ceiling", "middleware")
+        """Each path, the request mix a user sends (a multipart upload with and without an
+        ``Authorization``; polls of a pending and of a done task, anonymous and owned), for the
+        seed's way, the ceiling, and the middleware on the FastAPI example (``middleware``)
+        and on the Starlette one (``starlette``: the same middleware without FastAPI's
+        layers, to tell the framework's share from the middleware's)."""
+        contenders = ("baseline", "ceiling", "middleware", "starlette")
         urls = {
             name: self.serve(name)
             for name in (*contenders, "bare", "bare_wrapped", "fastapi_plain", "fastapi_wrapped")
         }
         h11 = {name: self.serve(name, "h11") for name in ("ceiling", "middleware")}
+        # The ceiling and the baseline know no owners: an owned request is the same to them.
+        owners = {n: AUTH if n in ("middleware", "starlette") else "" for n in contenders}
         pending = {name: submit(urls[name]) for name in contenders}
-        done = {}
+        pending_owned = {name: submit(urls[name], owners[name]) for name in contenders}
+        done, done_owned = {}, {}
         mw = self.worker("examples.wordcount.worker")
         base = self.worker("benchmarks.baseline_worker")
-        for name in ("baseline", "middleware"):
+        for name in ("baseline", "middleware", "starlette"):
             done[name] = submit(urls[name])
+            done_owned[name] = submit(urls[name], owners[name])
             wait_final(urls[name], done[name])
+            wait_final(urls[name], done_owned[name], owners[name])
         mw.stop()
         base.stop()
         ceiling_id = "00000000-0000-4000-8000-000000000000"
         self.r.set(f"ceiling-{ceiling_id}", json.dumps({"count": len(TEXT.split())}))
-        done["ceiling"] = f"/words/{ceiling_id}"
+        done["ceiling"] = done_owned["ceiling"] = f"/words/{ceiling_id}"
 
-        cases: list[tuple[str, dict[str, tuple[str, str | None]]]] = [
-            ("submit (POST /words)", {n: (f"{urls[n]}/words", self.script) for n in contenders}),
-            ("poll pending", {n: (urls[n] + pending[n], None) for n in contenders}),
-            ("poll done", {n: (urls[n] + done[n], None) for n in contenders}),
-            ("poll done, h11 (reference)", {n: (h11[n] + done[n], None) for n in h11}),
+        Run = tuple[str, str | None, str]  # url, wrk script, Authorization
+        cases: list[tuple[str, dict[str, Run]]] = [
+            (
+                "submit (POST /words)",
+                {n: (f"{urls[n]}/words", self.script, "") for n in contenders},
+            ),
+            (
+                "submit, owned",
+                {n: (f"{urls[n]}/words", self.owned_script, "") for n in contenders},
+            ),
+            ("poll pending", {n: (urls[n] + pending[n], None, "") for n in contenders}),
+            (
+                "poll pending, owned",
+                {n: (urls[n] + pending_owned[n], None, owners[n]) for n in contenders},
+            ),
+            ("poll done", {n: (urls[n] + done[n], None, "") for n in contenders}),
+            (
+                "poll done, owned",
+                {n: (urls[n] + done_owned[n], None, owners[n]) for n in contenders},
+            ),
+            ("poll done, h11 (reference)", {n: (h11[n] + done[n], None, "") for n in h11}),
             (
                 "unmarked, bare ASGI",
                 {
-                    "unwrapped": (f"{urls['bare']}/health", None),
-                    "wrapped": (f"{urls['bare_wrapped']}/health", None),
+                    "unwrapped": (f"{urls['bare']}/health", None, ""),
+                    "wrapped": (f"{urls['bare_wrapped']}/health", None, ""),
                 },
             ),
             (
                 "unmarked, FastAPI",
                 {
-                    "unwrapped": (f"{urls['fastapi_plain']}/health", None),
-                    "wrapped": (f"{urls['fastapi_wrapped']}/health", None),
+                    "unwrapped": (f"{urls['fastapi_plain']}/health", None, ""),
+                    "wrapped": (f"{urls['fastapi_wrapped']}/health", None, ""),
                 },
             ),
         ]
@@ -263,9 +318,9 @@ class Suite:
                 names = list(runs)
                 names = names[round_ % len(names) :] + names[: round_ % len(names)]
                 for name in names:
-                    url, script = runs[name]
+                    url, script, auth = runs[name]
                     with self.emptying(script is not None):
-                        figure = wrk(url, self.seconds, self.connections, script)
+                        figure = wrk(url, self.seconds, self.connections, script, auth)
                     samples.setdefault((case, name), []).append(figure)
                     self.clear_queues()
         results = []
