@@ -183,7 +183,7 @@ class AsyncTaskMiddleware:
             weakref.WeakKeyDictionary()
         )
         # The last loop's store, checked first: a server has one loop, and the weak mapping's
-        # lookup costs more than the rest of an unmarked request's path.
+        # lookup is a measurable share of every submission's and status read's own time.
         self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], TaskStore] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -135,7 +135,7 @@ class TaskStore:
         ]
         # One deadline for all of it, the clock's measurement included.
         deadline = asyncio.get_running_loop().time() + timeout
-        if time.monotonic() - self._clock_synced >= _CLOCK_SYNC_INTERVAL:
+        if self._clock_stale():
             async with self._deadline(timeout):
                 await self._sync_clock()
         args[7] = repr(start + self._clock_offset + timeout * (1 - _REPLY_MARGIN))
@@ -193,10 +193,13 @@ class TaskStore:
         except StoreUnavailable:
             return False
 
+    def _clock_stale(self) -> bool:
+        return time.monotonic() - self._clock_synced >= _CLOCK_SYNC_INTERVAL
+
     async def _sync_clock(self) -> None:
         """Learn how far Redis's clock is from this host's (to the round trip's precision),
         so that the submit script's deadline is on Redis's clock."""
-        if time.monotonic() - self._clock_synced < _CLOCK_SYNC_INTERVAL:
+        if not self._clock_stale():
             return
         before = time.time()
         async with self._deadline():
