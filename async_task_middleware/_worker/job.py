@@ -28,7 +28,7 @@ from .._shared.binding import HARD_LIMIT_GRACE
 from .._shared.deployment import again
 from .._shared.metrics import replayed
 from .._shared.policy import join_headers
-from .._shared.wire import check, split_response, unpack_response
+from .._shared.wire import check, split_response, status_of
 from .backend import STORED, process_backend, success_meta
 from .beat import Beat, Beater, process_beater
 from .hooks import ProgressThrottle
@@ -234,9 +234,9 @@ class Job:
         if not self.finished(packed):
             self.drop()
         took = time.monotonic() - self.began
-        code = unpack_response(packed)[0]
+        code = status_of(packed)
         logger.info(
-            "task %s finished: %s %d in %.3f s, attempt %d, started %.3f s after submission "
+            "task %s finished: %s %s in %.3f s, attempt %d, started %.3f s after submission "
             "(request %s)",
             *(self.task_id, self.route, code, took, self.attempt, self.queued, self.rid),
         )
@@ -271,7 +271,7 @@ class Job:
         b, task_id, hooks = self.runtime.binding, self.task_id, self.runtime.hooks
         failed = outcome == _scripts.FAILED
         head, apart = (outcome, None) if failed else split_response(outcome)
-        status, code = ("failed", None) if failed else ("done", unpack_response(outcome)[0])
+        status, code = ("failed", None) if failed else ("done", status_of(outcome))
         message = (
             None if hooks is None else hooks.completed_message(self.hook, task_id, status, code)
         )
