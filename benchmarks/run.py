@@ -584,6 +584,47 @@ class Suite:
         self.r.delete("celery", "ceiling-queue")
         return results
 
+    def web_profile(self, out: Path) -> dict[str, dict[str, dict[str, float]]]:
+        """Where one web process's CPU goes under full load, each path (submit, poll pending,
+        poll done; anonymous) on the FastAPI example and on the Starlette one: py-spy samples
+        the server (the stacks that hold the interpreter's lock) while wrk runs, split by
+        ``_WEB_SHARES``; the samples stay in ``out``."""
+        found: dict[str, dict[str, dict[str, float]]] = {}
+        for name in ("middleware", "starlette"):
+            url = self.serve(name)
+            server = self.servers[name]._proc
+            assert server is not None
+            pending = submit(url)
+            worker = self.worker("examples.wordcount.worker")
+            done = submit(url)
+            wait_final(url, done)
+            worker.stop()
+            self.workers.remove(worker)
+            loads = {
+                "submit": (f"{url}/words", self.script),
+                "poll pending": (url + pending, None),
+                "poll done": (url + done, None),
+            }
+            for path, (target, script) in loads.items():
+                raw = out / f"web-{name}-{path.replace(' ', '-')}.raw"
+                sampler = subprocess.Popen(
+                    [
+                        *(py_spy(), "record", "--gil", "--format", "raw", "--rate", "250"),
+                        *("--output", str(raw), "--pid", str(server.pid), "--nonblocking"),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                time.sleep(1)  # py-spy attached
+                with self.emptying(script is not None):
+                    wrk(target, max(self.seconds, 5), self.connections, script)
+                sampler.send_signal(signal.SIGINT)  # it writes its samples as it stops
+                sampler.wait(60)
+                self.clear_queues()
+                shares = profile_shares(raw, _WEB_SHARES, "asyncio and the interpreter")
+                found.setdefault(name, {})[path] = shares
+        return found
+
     # -- worker side ---------------------------------------------------------------------------
 
     def drain(self, count: int) -> tuple[dict[str, list[float]], tuple[int, int]]:
@@ -1105,15 +1146,43 @@ def py_spy() -> str:
 # Where a sampled stack's CPU time goes: to the part of the innermost frame of these that it
 # passes through (a Redis call or JSON encoding counts to whoever made it).
 _SHARES = (
-    ("Celery and kombu (the consumer, its messages and acknowledgements)", ("celery", "kombu")),
-    ("the library (its consumer hook, BEGIN/FINISH, the hand-off)", ("async_task_middleware",)),
-    ("the app (Starlette, the endpoint)", ("starlette", "tests")),
+    (
+        "Celery and kombu (the consumer, its messages and acknowledgements)",
+        ("celery/", "kombu/"),
+    ),
+    ("the library (its consumer hook, BEGIN/FINISH, the hand-off)", ("async_task_middleware/",)),
+    ("the app (Starlette, the endpoint)", ("starlette/", "tests/")),
 )
 
 
-def profile_shares(raw: Path) -> dict[str, float]:
+# The same for a web process. A frame counts to the first part whose mark begins its file's
+# path: a call to Redis made by the middleware counts to the Redis round trip; JSON encoding,
+# to whoever made it.
+_WEB_SHARES = (
+    (
+        "the server (uvicorn; httptools and uvloop run under its frames)",
+        ("uvicorn/", "httptools/", "uvloop/"),
+    ),
+    ("CORSMiddleware", ("starlette/middleware/cors.py",)),
+    ("FastAPI's own layers", ("fastapi/",)),
+    ("Starlette's routing and requests", ("starlette/",)),
+    (
+        "the Redis round trip and its encoding (the lane, hiredis)",
+        ("async_task_middleware/_web/lane.py", "redis/", "hiredis/"),
+    ),
+    ("the message and its copy for the sweep", ("async_task_middleware/_shared/message.py",)),
+    ("the middleware's own Python", ("async_task_middleware/",)),
+    ("the example's endpoint", ("examples/",)),
+)
+
+
+def profile_shares(
+    raw: Path,
+    shares: tuple[tuple[str, tuple[str, ...]], ...] = _SHARES,
+    other: str = "other (the interpreter, threads)",
+) -> dict[str, float]:
     """Shares of the sampled CPU time (py-spy's raw stacks, only those holding the GIL),
-    each stack counted under the part of its innermost frame named in ``_SHARES``."""
+    each stack counted under the part of its innermost frame named in ``shares``."""
     counts: dict[str, int] = {}
     for line in raw.read_text().splitlines():
         stack, _, number = line.rpartition(" ")
@@ -1123,14 +1192,37 @@ def profile_shares(raw: Path) -> dict[str, float]:
             (
                 name
                 for frame in reversed(stack.split(";"))
-                for name, marks in _SHARES
-                if any(f"({mark}/" in frame or f"/{mark}/" in frame for mark in marks)
+                for name, marks in shares
+                if any(f"({mark}" in frame or f"/{mark}" in frame for mark in marks)
             ),
-            "other (the interpreter, threads)",
+            other,
         )
         counts[part] = counts.get(part, 0) + int(number)
     total = sum(counts.values()) or 1
     return {part: n / total for part, n in sorted(counts.items(), key=lambda kv: -kv[1])}
+
+
+def _profile_web(suite: Suite, args: argparse.Namespace) -> None:
+    """The web process's CPU split by part, each path, the FastAPI and Starlette examples."""
+    found = suite.web_profile(suite.tmp)
+    parts = [name for name, _ in _WEB_SHARES] + ["asyncio and the interpreter"]
+    examples = {"middleware": "FastAPI example", "starlette": "Starlette example"}
+    heads = [f"{examples[n]}, {path}" for n, paths in found.items() for path in paths]
+    lines = [
+        "where one web process's CPU goes at full load (py-spy, samples holding the GIL), % of "
+        "the samples:",
+        "",
+        f"| part | {' | '.join(heads)} |",
+        f"| --- |{' ---: |' * len(heads)}",
+    ]
+    for part in parts:
+        cells = [
+            f"{100 * shares.get(part, 0.0):.0f}"
+            for paths in found.values()
+            for shares in paths.values()
+        ]
+        lines.append(f"| {part} | {' | '.join(cells)} |")
+    print("\n".join(lines), "\n", flush=True)
 
 
 def _verdict(value: float, target: float, at_most: bool = False) -> str:
@@ -1196,6 +1288,7 @@ def _targets(suite: Suite, args: argparse.Namespace) -> None:
 SECTIONS: dict[str, Callable[[Suite, argparse.Namespace], None]] = {
     "targets": _targets,
     "throughput": _throughput,
+    "profile-web": _profile_web,
     "pass-through": _pass_through,
     "lag": _lag,
     "drain": _drain,
@@ -1228,7 +1321,9 @@ def main() -> None:
         "--plots", type=Path, default=plots.OUT, help="where the plots go (the docs read them)"
     )
     args = parser.parse_args()
-    needs_wrk = args.only in (None, "throughput", "lag", "large", "rss", "webhooks")
+    needs_wrk = args.only in (
+        *(None, "throughput", "profile-web", "lag", "large", "rss", "webhooks"),
+    )
     if needs_wrk and not shutil.which("wrk"):
         sys.exit("wrk is needed: apt-get install wrk")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
