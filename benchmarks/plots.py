@@ -53,7 +53,7 @@ def throughput(results: Sequence[tuple[str, Mapping[str, Any]]], out: Path) -> N
         ax.bar(xs, values, width, label=name, color=COLOURS[name])
         if name == "middleware":
             for x, (_, figs) in zip(xs, rows, strict=True):
-                ratio = figs["middleware"].rps / figs["ceiling"].rps
+                ratio = figs["middleware"].vs["ceiling"]
                 ax.annotate(
                     f"{ratio:.2f}x",
                     (x, figs["middleware"].rps),

@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,11 @@ class Figure:
     p50: float
     p99: float
     errors: int
+    #: Ratios to another contender of the same path (``ceiling``, ``baseline``, ``unwrapped``):
+    #: the median of each round's ratio, the two measured one right after the other, so that
+    #: the machine's drift between rounds cancels out.
+    vs: dict[str, float] = field(default_factory=dict)
+    rounds: dict[str, list[float]] = field(default_factory=dict)
 
 
 def _ms(value: str) -> float:
@@ -258,8 +263,9 @@ class Suite:
             for name in (*contenders, "bare", "bare_wrapped", "fastapi_plain", "fastapi_wrapped")
         }
         h11 = {name: self.serve(name, "h11") for name in ("ceiling", "middleware")}
-        # The ceiling and the baseline know no owners: an owned request is the same to them.
-        owners = {n: AUTH if n in ("middleware", "starlette") else "" for n in contenders}
+        # Every contender gets the same request: the ceiling and the baseline know no owners,
+        # but their server reads the header all the same.
+        owners = dict.fromkeys(contenders, AUTH)
         pending = {name: submit(urls[name]) for name in contenders}
         pending_owned = {name: submit(urls[name], owners[name]) for name in contenders}
         done, done_owned = {}, {}
@@ -334,6 +340,14 @@ class Suite:
                     statistics.median(f.p99 for f in figures),
                     sum(f.errors for f in figures),
                 )
+                for other in ("ceiling", "baseline", "unwrapped"):
+                    if other in runs and other != name:
+                        each = [
+                            mine.rps / theirs.rps
+                            for mine, theirs in zip(figures, samples[(case, other)], strict=True)
+                        ]
+                        medians[name].rounds[other] = each
+                        medians[name].vs[other] = statistics.median(each)
             results.append((case, medians))
         return results
 
@@ -946,17 +960,17 @@ def table(results: list[tuple[str, dict[str, Figure]]]) -> str:
     ]
     for case, figures in results:
         for name, f in figures.items():
-            if "baseline" in figures:
-                vs_base = f"{f.rps / figures['baseline'].rps:.2f}x"
-                vs_ceiling = f"{f.rps / figures['ceiling'].rps:.2f}x"
-            elif "ceiling" in figures:
-                vs_base = ""
-                vs_ceiling = f"{f.rps / figures['ceiling'].rps:.2f}x"
-            elif name == "wrapped":
-                vs_base = f"{100 * (f.rps / figures['unwrapped'].rps - 1):+.1f} % vs unwrapped"
-                vs_ceiling = ""
-            else:
-                vs_base = vs_ceiling = ""
+            vs_base = vs_ceiling = ""
+            if "ceiling" in f.vs:
+                vs_ceiling = f"{f.vs['ceiling']:.2f}x"
+            elif name == "ceiling":
+                vs_ceiling = "1.00x"
+            if "baseline" in f.vs:
+                vs_base = f"{f.vs['baseline']:.2f}x"
+            elif name == "baseline":
+                vs_base = "1.00x"
+            elif "unwrapped" in f.vs:
+                vs_base = f"{100 * (f.vs['unwrapped'] - 1):+.1f} % vs unwrapped"
             lines.append(
                 f"| {case} | {name} | {f.rps:,.0f} | {f.p50:.2f} | {f.p99:.2f} | {f.errors} | "
                 f"{vs_base} | {vs_ceiling} |"
@@ -968,6 +982,13 @@ def _throughput(suite: Suite, args: argparse.Namespace) -> None:
     results = suite.throughput()
     suite.unwrapped_rps = dict(results)["unmarked, bare ASGI"]["unwrapped"].rps
     print(table(results), "\n", flush=True)
+    print("each round's ratio to the ceiling (the table's is their median):")
+    for case, figures in results:
+        for name in ("middleware", "starlette"):
+            if name in figures and "ceiling" in figures[name].rounds:
+                each = ", ".join(f"{r:.2f}x" for r in figures[name].rounds["ceiling"])
+                print(f"  {case}, {name}: {each}")
+    print(flush=True)
     plots.throughput(results, args.plots)
 
 

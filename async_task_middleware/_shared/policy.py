@@ -28,6 +28,10 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 #: Request headers whose values are credentials, always sealed or dropped.
 CREDENTIAL_HEADERS = frozenset({b"authorization", b"cookie", b"proxy-authorization"})
 
+#: Identities whose owner hashes ``Keys.owner_tags`` keeps, and the largest it keeps.
+OWNER_TAGS_KEPT = 2048
+OWNER_KEPT_SIZE = 2048
+
 Owner = Callable[[Mapping[str, Any]], "str | bytes | None"]
 SecretKey = str | bytes | Sequence[str | bytes]
 
@@ -101,6 +105,7 @@ class Keys:
         keys = _key_list(secret_key)
         self._newest = keys[0]
         self._owner_keys = [_derive(k, b"owner") for k in keys]
+        self._tags: dict[bytes, tuple[str, ...]] = {}
         self._fernet = MultiFernet(
             [Fernet(base64.urlsafe_b64encode(_derive(k, b"headers"))) for k in keys]
         )
@@ -109,9 +114,24 @@ class Keys:
         """A key of its own for ``purpose``, from the newest secret."""
         return _derive(self._newest, purpose)
 
-    def owner_tags(self, identity: bytes) -> list[str]:
-        """The identity's keyed hashes, one per key; the first is the one written."""
-        return [hmac.new(k, identity, hashlib.sha256).hexdigest() for k in self._owner_keys]
+    def owner_tags(self, identity: bytes) -> tuple[str, ...]:
+        """The identity's keyed hashes, one per key; the first is the one written.
+
+        The hashes of the last ``OWNER_TAGS_KEPT`` identities (of at most ``OWNER_KEPT_SIZE``
+        bytes each) are kept: a client polls with the same credential again and again, and an
+        HMAC per key per request was a few percent of an owned poll. The cache is in this
+        process's memory only, holds what requests brought in anyway, at most a few MiB
+        however hostile the credentials, and is emptied when full."""
+        tags = self._tags.get(identity)
+        if tags is None:
+            tags = tuple(
+                hmac.new(key, identity, hashlib.sha256).hexdigest() for key in self._owner_keys
+            )
+            if len(identity) <= OWNER_KEPT_SIZE:
+                if len(self._tags) >= OWNER_TAGS_KEPT:
+                    self._tags.clear()
+                self._tags[identity] = tags
+        return tags
 
     def seal(self, data: bytes) -> str:
         return self._fernet.encrypt(data).decode("ascii")

@@ -141,14 +141,14 @@ class Settings:
             tasks_path=tasks_path,
         )
 
-    def owner_tags(self, scope: Mapping[str, Any]) -> list[str]:
+    def owner_tags(self, scope: Mapping[str, Any]) -> tuple[str, ...]:
         """The requester's owner hashes (newest key first); empty when anonymous or when
         ownership is off."""
         if self.owner is None or self.keys is None:
-            return []
+            return ()
         identity = self.owner(scope)
         if identity is None:
-            return []
+            return ()
         return self.keys.owner_tags(identity.encode() if isinstance(identity, str) else identity)
 
 

@@ -38,7 +38,7 @@ RETRY_AFTER_CAP = 30
 Headers = Sequence[tuple[bytes, bytes]]
 
 
-def may_see(record: dict[str, Any], tags: list[str]) -> bool:
+def may_see(record: dict[str, Any], tags: Sequence[str]) -> bool:
     """An anonymous task is anyone's (its status URL is the capability); an owned one only
     its owner's, under any of the configured keys."""
     owner = record.get("owner")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar, cast
 
@@ -332,7 +332,9 @@ class TaskStore:
 
         return await self._shared.call((key, start, end), getrange)
 
-    async def delete(self, task_id: str, owners: list[str]) -> tuple[bool, dict[str, Any] | None]:
+    async def delete(
+        self, task_id: str, owners: Sequence[str]
+    ) -> tuple[bool, dict[str, Any] | None]:
         """Forget the task if ``owners`` may (any of the requester's owner hashes; none for an
         anonymous requester): whether it was deleted, and the webhook of a task deleted before
         it ended. The worker sees the record gone and drops or stops the task."""

@@ -219,6 +219,33 @@ def test_header_owner() -> None:
     assert len(tags[0]) == 64
 
 
+def test_owner_hashes_are_kept_for_repeated_identities_within_bounds() -> None:
+    """A poll's credential is hashed once, not per request; each identity keeps its own
+    hashes; a hostile spray of huge or distinct credentials keeps the cache bounded."""
+    import hashlib
+    import hmac
+
+    from async_task_middleware._shared import policy
+
+    keys = Keys(["n" * 32, "o" * 32])
+    expected = tuple(
+        hmac.new(policy._derive(k, b"owner"), b"alice", hashlib.sha256).hexdigest()
+        for k in (b"n" * 32, b"o" * 32)
+    )
+    first = keys.owner_tags(b"alice")
+    assert first == expected
+    assert keys.owner_tags(b"alice") is first  # kept, not hashed again
+    assert keys.owner_tags(b"alice\x00") != first
+    assert keys.owner_tags(b"bob") != first
+    huge = b"Bearer " + b"\x7f\r\n" * 100_000
+    assert keys.owner_tags(huge) == keys.owner_tags(huge)
+    assert huge not in keys._tags  # larger than OWNER_KEPT_SIZE: hashed each time
+    for n in range(policy.OWNER_TAGS_KEPT + 50):
+        keys.owner_tags(b"spray-%d" % n)
+    assert len(keys._tags) <= policy.OWNER_TAGS_KEPT
+    assert keys.owner_tags(b"alice") == expected
+
+
 def celery(**conf: Any) -> Celery:
     app = Celery("t", broker=conf.pop("broker", URL), backend=conf.pop("backend", URL))
     app.conf.update(**conf)
