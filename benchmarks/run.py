@@ -2,11 +2,13 @@
 
     python3 scripts/dev.py bench [--seconds 3] [--rounds 3] [--only SECTION]
 
-``--only targets`` prints the worker's targets against the baselines that bound them. The
-plots go to ``docs/assets/bench`` (``--plots DIR``), where the docs' benchmark page shows
-them. Needs ``wrk`` (Debian: ``apt-get install wrk``). Starts a private Redis, one uvicorn
-process per contender (uvloop + httptools), and interleaves the contenders round by round so
-that drift of a noisy machine hits them alike; the table shows the median of the rounds.
+``--only targets`` prints the worker's targets against the baselines that bound them;
+``--only profile-web`` where a web process's CPU goes (py-spy). The plots go to
+``docs/assets/bench`` (``--plots DIR``), where the docs' benchmark page shows them. Needs ``wrk``
+(Debian: ``apt-get install wrk``). Starts a private Redis, one uvicorn process per contender
+(uvloop + httptools), and interleaves the contenders round by round so that drift of a noisy
+machine hits them alike; the table shows the median of the rounds, and each ratio the median
+of the rounds' ratios.
 """
 
 from __future__ import annotations
