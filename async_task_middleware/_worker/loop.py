@@ -67,9 +67,9 @@ class Loop:
     async def start_lifespan(self, app: ASGIApp, timeout: float) -> dict[str, Any]:
         """The state the app's lifespan startup left, run once per app in this loop."""
         starting = self._starting.get(id(app))
-        if starting is not None and starting.done() and starting.exception() is None:
-            return starting.result()  # started: the usual case, with nothing to undo
-        if starting is not None and starting.done() and starting.exception() is not None:
+        if starting is not None and starting.done():
+            if starting.exception() is None:
+                return starting.result()  # started: the usual case, with nothing to undo
             starting = None  # a failed startup is tried again by the next replay
         if starting is None:
             starting = asyncio.get_running_loop().create_future()
