@@ -259,8 +259,15 @@ async def _popped_then_found(
             if worker_first:
                 worker.start()
                 with redis.Redis.from_url(server.url) as store:
-                    swept = Binding.of(celery).record_prefix + b"redis-run"
-                    wait_for(lambda: store.exists(swept), 30, "the first sweep")
+                    prefix = Binding.of(celery).record_prefix
+                    swept, sweeping = prefix + b"redis-run", prefix + b"sweeping"
+                    # Its end, not only its record: paused between the two, the sweep would
+                    # go on, once resumed, to forget the killed worker added meanwhile.
+                    wait_for(
+                        lambda: store.exists(swept) and not store.exists(sweeping),
+                        30,
+                        "the first sweep",
+                    )
                 worker.pause()
                 # Its BRPOP (1 s) times out: what is submitted now stays in the queue.
                 await anyio.sleep(2.5)
