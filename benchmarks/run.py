@@ -62,11 +62,14 @@ class Figure:
     p50: float
     p99: float
     errors: int
-    #: Ratios to another contender of the same path (``ceiling``, ``baseline``, ``unwrapped``):
-    #: the median of each round's ratio, the two measured one right after the other, so that
-    #: the machine's drift between rounds cancels out.
-    vs: dict[str, float] = field(default_factory=dict)
+    #: Each round's ratio to another contender of the same path (``ceiling``, ``baseline``,
+    #: ``unwrapped``), the two measured one right after the other.
     rounds: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def vs(self) -> dict[str, float]:
+        """The median of the rounds' ratios: the machine's drift between rounds cancels out."""
+        return {other: statistics.median(each) for other, each in self.rounds.items()}
 
 
 def _ms(value: str) -> float:
@@ -349,7 +352,6 @@ class Suite:
                             for mine, theirs in zip(figures, samples[(case, other)], strict=True)
                         ]
                         medians[name].rounds[other] = each
-                        medians[name].vs[other] = statistics.median(each)
             results.append((case, medians))
         return results
 
@@ -623,21 +625,11 @@ class Suite:
             }
             for path, (target, script) in loads.items():
                 raw = out / f"web-{name}-{path.replace(' ', '-')}.raw"
-                sampler = subprocess.Popen(
-                    [
-                        *(py_spy(), "record", "--gil", "--format", "raw", "--rate", "250"),
-                        *("--output", str(raw), "--pid", str(server.pid), "--nonblocking"),
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-                time.sleep(1)  # py-spy attached
-                with self.emptying(script is not None):
+                with sampling(server.pid, raw, rate=250), self.emptying(script is not None):
+                    time.sleep(1)  # py-spy attached
                     wrk(target, max(self.seconds, 5), self.connections, script)
-                sampler.send_signal(signal.SIGINT)  # it writes its samples as it stops
-                sampler.wait(60)
                 self.clear_queues()
-                shares = profile_shares(raw, _WEB_SHARES, "asyncio and the interpreter")
+                shares = profile_shares(raw, _WEB_SHARES, _WEB_OTHER)
                 found.setdefault(name, {})[path] = shares
         return found
 
@@ -774,16 +766,9 @@ class Suite:
             pool=pool,
         ).start()
         self.workers.append(worker)
-        sampler = None
+        sampler = contextlib.ExitStack()
         if profile is not None:
-            sampler = subprocess.Popen(
-                [
-                    *(py_spy(), "record", "--gil", "--format", "raw", "--output", str(profile)),
-                    *("--pid", str(worker._proc.pid), "--nonblocking"),  # type: ignore[union-attr]
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+            sampler.enter_context(sampling(worker._proc.pid, profile))  # type: ignore[union-attr]
         app = build_probe(Celery("io", broker=self.redis.url, backend=self.redis.url))
         figures: dict[str, float] = {}
 
@@ -832,10 +817,8 @@ class Suite:
                 figures["last after submission"] = max(finished) - submitted
                 figures["connections"] = peak
 
-        anyio.run(run)
-        if sampler is not None:
-            sampler.send_signal(signal.SIGINT)  # it writes its samples as it stops
-            sampler.wait(60)
+        with sampler:
+            anyio.run(run)
         worker.stop()
         self.workers.remove(worker)
         return figures
@@ -962,17 +945,17 @@ def table(results: list[tuple[str, dict[str, Figure]]]) -> str:
     ]
     for case, figures in results:
         for name, f in figures.items():
-            vs_base = vs_ceiling = ""
-            if "ceiling" in f.vs:
-                vs_ceiling = f"{f.vs['ceiling']:.2f}x"
+            vs, vs_base, vs_ceiling = f.vs, "", ""
+            if "ceiling" in vs:
+                vs_ceiling = f"{vs['ceiling']:.2f}x"
             elif name == "ceiling":
                 vs_ceiling = "1.00x"
-            if "baseline" in f.vs:
-                vs_base = f"{f.vs['baseline']:.2f}x"
+            if "baseline" in vs:
+                vs_base = f"{vs['baseline']:.2f}x"
             elif name == "baseline":
                 vs_base = "1.00x"
-            elif "unwrapped" in f.vs:
-                vs_base = f"{100 * (f.vs['unwrapped'] - 1):+.1f} % vs unwrapped"
+            elif "unwrapped" in vs:
+                vs_base = f"{100 * (vs['unwrapped'] - 1):+.1f} % vs unwrapped"
             lines.append(
                 f"| {case} | {name} | {f.rps:,.0f} | {f.p50:.2f} | {f.p99:.2f} | {f.errors} | "
                 f"{vs_base} | {vs_ceiling} |"
@@ -1159,6 +1142,26 @@ def _line_lags(response: httpx.Response) -> list[float]:
     return [time.time() - json.loads(line)["sent"] for line in response.iter_lines() if line]
 
 
+@contextlib.contextmanager
+def sampling(pid: int, raw: Path, rate: int | None = None) -> Iterator[None]:
+    """py-spy samples ``pid``'s stacks that hold the interpreter's lock into ``raw`` meanwhile
+    (``--rate``: samples a second, py-spy's own default if None)."""
+    sampler = subprocess.Popen(
+        [
+            *(py_spy(), "record", "--gil", "--format", "raw", "--output", str(raw)),
+            *("--pid", str(pid), "--nonblocking"),
+            *(("--rate", str(rate)) if rate else ()),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        sampler.send_signal(signal.SIGINT)  # it writes its samples as it stops
+        sampler.wait(60)
+
+
 def py_spy() -> str:
     found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(found).exists():
@@ -1197,6 +1200,7 @@ _WEB_SHARES = (
     ("the middleware's own Python", ("async_task_middleware/",)),
     ("the example's endpoint", ("examples/",)),
 )
+_WEB_OTHER = "asyncio and the interpreter"
 
 
 def profile_shares(
@@ -1228,7 +1232,7 @@ def profile_shares(
 def _profile_web(suite: Suite, args: argparse.Namespace) -> None:
     """The web process's CPU split by part, each path, the FastAPI and Starlette examples."""
     found = suite.web_profile(suite.tmp)
-    parts = [name for name, _ in _WEB_SHARES] + ["asyncio and the interpreter"]
+    parts = [name for name, _ in _WEB_SHARES] + [_WEB_OTHER]
     examples = {"middleware": "FastAPI example", "starlette": "Starlette example"}
     heads = [f"{examples[n]}, {path}" for n, paths in found.items() for path in paths]
     lines = [

@@ -16,6 +16,7 @@ decrypt, so keys rotate without losing the tasks in flight.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -105,7 +106,7 @@ class Keys:
         keys = _key_list(secret_key)
         self._newest = keys[0]
         self._owner_keys = [_derive(k, b"owner") for k in keys]
-        self._tags: dict[bytes, tuple[str, ...]] = {}
+        self._kept = functools.lru_cache(maxsize=OWNER_TAGS_KEPT)(self._hashed)
         self._fernet = MultiFernet(
             [Fernet(base64.urlsafe_b64encode(_derive(k, b"headers"))) for k in keys]
         )
@@ -117,21 +118,17 @@ class Keys:
     def owner_tags(self, identity: bytes) -> tuple[str, ...]:
         """The identity's keyed hashes, one per key; the first is the one written.
 
-        The hashes of the last ``OWNER_TAGS_KEPT`` identities (of at most ``OWNER_KEPT_SIZE``
-        bytes each) are kept: a client polls with the same credential again and again, and an
-        HMAC per key per request was a few percent of an owned poll. The cache is in this
-        process's memory only, holds what requests brought in anyway, at most a few MiB
-        however hostile the credentials, and is emptied when full."""
-        tags = self._tags.get(identity)
-        if tags is None:
-            tags = tuple(
-                hmac.new(key, identity, hashlib.sha256).hexdigest() for key in self._owner_keys
-            )
-            if len(identity) <= OWNER_KEPT_SIZE:
-                if len(self._tags) >= OWNER_TAGS_KEPT:
-                    self._tags.clear()
-                self._tags[identity] = tags
-        return tags
+        The hashes of the ``OWNER_TAGS_KEPT`` identities used last (of at most
+        ``OWNER_KEPT_SIZE`` bytes each) are kept: a client polls with the same credential again
+        and again, and an HMAC per key per request was a few percent of an owned poll. The
+        cache is in this process's memory only, holds what requests brought in anyway, and is
+        at most a few MiB however hostile the credentials."""
+        if len(identity) > OWNER_KEPT_SIZE:
+            return self._hashed(identity)
+        return self._kept(identity)
+
+    def _hashed(self, identity: bytes) -> tuple[str, ...]:
+        return tuple(hmac.new(k, identity, hashlib.sha256).hexdigest() for k in self._owner_keys)
 
     def seal(self, data: bytes) -> str:
         return self._fernet.encrypt(data).decode("ascii")
