@@ -62,8 +62,9 @@ class Figure:
     p50: float
     p99: float
     errors: int
-    #: Each round's ratio to another contender of the same path (``ceiling``, ``baseline``,
-    #: ``unwrapped``), the two measured one right after the other.
+    #: Each round's ratio to another contender of the same path: to ``ceiling``, for the
+    #: examples, measured side by side (``side_by_side``); to ``baseline`` or ``unwrapped``,
+    #: the two measured one right after the other.
     rounds: dict[str, list[float]] = field(default_factory=dict)
 
     @property
@@ -81,16 +82,26 @@ def _ms(value: str) -> float:
 
 
 def wrk(
-    url: str, seconds: float, connections: int, script: str | None = None, auth: str = ""
+    url: str,
+    seconds: float,
+    connections: int,
+    script: str | None = None,
+    auth: str = "",
+    threads: int = 2,
+    cores: set[int] | None = None,
 ) -> Figure:
     """wrk's figures for ``url`` (``script``: its Lua, for submissions; ``auth``: an
-    ``Authorization`` header on every request)."""
-    command = ["wrk", "-t2", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", url]
+    ``Authorization`` header on every request; ``cores``: the only cores wrk may run on)."""
+    command = [
+        *("wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s"),
+        *("--latency", url),
+    ]
     if script:
         command[1:1] = ["-s", script]
     if auth:
         command[1:1] = ["-H", f"Authorization: {auth}"]
-    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    pin = None if cores is None else lambda: os.sched_setaffinity(0, cores)
+    out = subprocess.run(command, capture_output=True, text=True, check=True, preexec_fn=pin).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     # The distribution's own lines: "99%" also ends figures such as "80.99%".
     p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
@@ -103,6 +114,54 @@ def wrk(
     if socket_errors:
         count += sum(int(n) for n in re.findall(r"\d+", socket_errors.group(0)))
     return Figure(rps, p50, p99, count)
+
+
+def side_by_side(
+    mine: str, theirs: str, seconds: float, connections: int, script: str | None, auth: str
+) -> float:
+    """Two servers loaded at the same time, half the connections each, on the one core they
+    share (``sharing``): the ratio of the requests they served. The scheduler gives each the
+    same share of that core, so this is the ratio of what each would serve with the core to
+    itself; and whatever slows the core slows both alike, which one run after the other on
+    these shared machines cannot promise (their speed moves by a fifth from one second to
+    the next)."""
+    half = max(1, connections // 2)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        runs = [
+            pool.submit(wrk, url, seconds, half, script, auth, 1, _LOAD_CORES)
+            for url in (mine, theirs)
+        ]
+        a, b = (run.result() for run in runs)
+    return a.rps / b.rps
+
+
+#: The examples measured side by side against the ceiling, and the ceiling's copy beside them.
+_EXAMPLES = ("middleware", "starlette")
+_COPY = "ceiling, a second copy"
+#: Side by side: the two servers share the first core; wrk and Redis take the rest.
+_SERVER_CORES = {0}
+_LOAD_CORES = set(range(1, os.cpu_count() or 1)) or {0}
+
+
+@contextlib.contextmanager
+def sharing(servers: list[int], redis_pid: int) -> Iterator[None]:
+    """The ``servers`` (pids, every thread) on ``_SERVER_CORES``, Redis on the load's cores,
+    meanwhile; every core again after."""
+    every = set(range(os.cpu_count() or 1))
+
+    def pin(pid: int, cores: set[int]) -> None:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(int(task.name), cores)
+
+    for pid in servers:
+        pin(pid, _SERVER_CORES)
+    pin(redis_pid, _LOAD_CORES)
+    try:
+        yield
+    finally:
+        for pid in (*servers, redis_pid):
+            pin(pid, every)
 
 
 def post_script(tmp: Path, owned: bool = False) -> str:
@@ -174,11 +233,23 @@ QUEUED_SETS = [
 
 
 class Suite:
-    def __init__(self, tmp: Path, seconds: float, rounds: int, connections: int) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        seconds: float,
+        rounds: int,
+        connections: int,
+        pairs: int = 5,
+        pair_seconds: float = 3,
+    ) -> None:
         self.tmp = tmp
         self.seconds = seconds
         self.rounds = rounds
         self.connections = connections
+        self.pairs = pairs
+        self.pair_seconds = pair_seconds
+        #: Per path, each contender's ratios to the ceiling side by side (``side_by_side``).
+        self.shared_core: dict[str, dict[str, list[float]]] = {}
         self.redis = RedisServer(tmp / "redis").start()
         self.env = {"REDIS_URL": self.redis.url, "BROKER_URL": ""}
         self.r = redis.Redis.from_url(self.redis.url)
@@ -353,7 +424,40 @@ class Suite:
                         ]
                         medians[name].rounds[other] = each
             results.append((case, medians))
+        self._side_by_side(cases)
+        for (case, _), (_, medians) in zip(cases, results, strict=True):
+            for name, ratios in self.shared_core.get(case, {}).items():
+                if name in medians:
+                    medians[name].rounds["ceiling"] = ratios
         return results
+
+    def _side_by_side(
+        self, cases: list[tuple[str, dict[str, tuple[str, str | None, str]]]]
+    ) -> None:
+        """Each example against the ceiling, side by side on one shared core, ``pairs`` times
+        a path; and a second copy of the ceiling against the ceiling, which shows the method's
+        own spread (it should be 1.00x). Every server gets the same requests."""
+        copy = self.serve("ceiling", env={"ATM_BENCH_COPY": "1"})
+        ceiling = self.servers["ceiling"].url
+        servers = [self.servers[n].pid for n in ("ceiling", "ceiling (+env)", *_EXAMPLES)]
+        found: dict[str, dict[str, list[float]]] = {}
+        with sharing(servers, self.redis.pid):
+            for _ in range(self.pairs):
+                for case, runs in cases:
+                    if not set(_EXAMPLES) <= set(runs):
+                        continue
+                    url, script, auth = runs["ceiling"]
+                    contenders = {name: runs[name][0] for name in _EXAMPLES}
+                    contenders[_COPY] = copy + url.removeprefix(ceiling)
+                    for name, theirs in contenders.items():
+                        with self.emptying(script is not None):
+                            ratio = side_by_side(
+                                *(theirs, url, self.pair_seconds, self.connections),
+                                *(script, auth),
+                            )
+                        found.setdefault(case, {}).setdefault(name, []).append(ratio)
+                        self.clear_queues()
+        self.shared_core = found
 
     # -- live results ------------------------------------------------------------------------
 
@@ -967,12 +1071,15 @@ def _throughput(suite: Suite, args: argparse.Namespace) -> None:
     results = suite.throughput()
     suite.unwrapped_rps = dict(results)["unmarked, bare ASGI"]["unwrapped"].rps
     print(table(results), "\n", flush=True)
-    print("each round's ratio to the ceiling (the table's is their median):")
-    for case, figures in results:
-        for name in ("middleware", "starlette"):
-            if name in figures and "ceiling" in figures[name].rounds:
-                each = ", ".join(f"{r:.2f}x" for r in figures[name].rounds["ceiling"])
-                print(f"  {case}, {name}: {each}")
+    print(
+        "req/s, p50 and p99: each server alone, the medians of rounds run one after the other; "
+        "vs ceiling: side by side on one shared core, the median of these runs (vs baseline: "
+        "one after the other):"
+    )
+    for case, ratios in suite.shared_core.items():
+        for name, each in ratios.items():
+            line = ", ".join(f"{r:.2f}x" for r in each)
+            print(f"  {case}, {name}: {line} (median {statistics.median(each):.2f}x)")
     print(flush=True)
     plots.throughput(results, args.plots)
 
@@ -1335,6 +1442,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=3, help="per wrk run")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument(
+        "--pairs", type=int, default=5, help="throughput: side-by-side runs against the ceiling"
+    )
+    parser.add_argument("--pair-seconds", type=int, default=3, help="per side-by-side run")
     parser.add_argument("--io", type=int, nargs="*", default=[1000, 5000])
     parser.add_argument(
         "--io-pools", nargs="*", choices=["replay", "threads"], default=["replay", "threads"]
@@ -1369,7 +1480,10 @@ def main() -> None:
         flush=True,
     )
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        suite = Suite(Path(tmp), args.seconds, args.rounds, args.connections)
+        suite = Suite(
+            *(Path(tmp), args.seconds, args.rounds, args.connections),
+            *(args.pairs, args.pair_seconds),
+        )
         try:
             for name, section in SECTIONS.items():
                 if args.only in (None, name):

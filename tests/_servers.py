@@ -109,6 +109,12 @@ class RedisServer:
     def running(self) -> bool:
         return self._proc is not None
 
+    @property
+    def pid(self) -> int:
+        """The running process's id."""
+        assert self._proc is not None
+        return self._proc.pid
+
     def pause(self) -> None:
         assert self._proc is not None
         self._proc.send_signal(signal.SIGSTOP)
@@ -327,6 +333,12 @@ class Server:
         self._logfile = logfile
         self._name = name
         self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        """The running process's id."""
+        assert self._proc is not None
+        return self._proc.pid
 
     def start(self) -> Server:
         with self._logfile.open("ab") as log:
