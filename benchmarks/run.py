@@ -338,6 +338,7 @@ class Suite:
             name: self.serve(name)
             for name in (*contenders, "bare", "bare_wrapped", "fastapi_plain", "fastapi_wrapped")
         }
+        self.serve("ceiling", env={"ATM_BENCH_COPY": "1"})  # the ceiling's copy (_side_by_side)
         h11 = {name: self.serve(name, "h11") for name in ("ceiling", "middleware")}
         # Every contender gets the same request: the ceiling and the baseline know no owners,
         # but their server reads the header all the same.
@@ -394,6 +395,9 @@ class Suite:
                 },
             ),
         ]
+        # Side by side first, while every server has served the same few requests (a second
+        # copy of the ceiling, started with the rest, is as fresh as they are).
+        self._side_by_side(cases)
         samples: dict[tuple[str, str], list[Figure]] = {}
         for round_ in range(self.rounds):
             for case, runs in cases:
@@ -424,8 +428,7 @@ class Suite:
                         ]
                         medians[name].rounds[other] = each
             results.append((case, medians))
-        self._side_by_side(cases)
-        for (case, _), (_, medians) in zip(cases, results, strict=True):
+        for case, medians in results:
             for name, ratios in self.shared_core.get(case, {}).items():
                 if name in medians:
                     medians[name].rounds["ceiling"] = ratios
@@ -437,24 +440,27 @@ class Suite:
         """Each example against the ceiling, side by side on one shared core, ``pairs`` times
         a path; and a second copy of the ceiling against the ceiling, which shows the method's
         own spread (it should be 1.00x). Every server gets the same requests."""
-        copy = self.serve("ceiling", env={"ATM_BENCH_COPY": "1"})
+        copy = self.servers["ceiling (+env)"].url
         ceiling = self.servers["ceiling"].url
         servers = [self.servers[n].pid for n in ("ceiling", "ceiling (+env)", *_EXAMPLES)]
         found: dict[str, dict[str, list[float]]] = {}
         with sharing(servers, self.redis.pid):
-            for _ in range(self.pairs):
+            for pair in range(self.pairs):
                 for case, runs in cases:
                     if not set(_EXAMPLES) <= set(runs):
                         continue
                     url, script, auth = runs["ceiling"]
                     contenders = {name: runs[name][0] for name in _EXAMPLES}
                     contenders[_COPY] = copy + url.removeprefix(ceiling)
-                    for name, theirs in contenders.items():
+                    for name, mine in contenders.items():
+                        # Which of the two wrk processes starts first, turn about.
+                        first, second = (mine, url) if pair % 2 == 0 else (url, mine)
                         with self.emptying(script is not None):
                             ratio = side_by_side(
-                                *(theirs, url, self.pair_seconds, self.connections),
+                                *(first, second, self.pair_seconds, self.connections),
                                 *(script, auth),
                             )
+                        ratio = ratio if pair % 2 == 0 else 1 / ratio
                         found.setdefault(case, {}).setdefault(name, []).append(ratio)
                         self.clear_queues()
         self.shared_core = found
@@ -682,14 +688,9 @@ class Suite:
 
     def loop_lag(self) -> dict[str, dict[str, float]]:
         """Loop lag in the web process under submit load (the ceiling beside it: the part the
-        saturated machine itself adds; and the middleware's app with ``gc.freeze()`` after
-        startup) and with Redis paused."""
+        saturated machine itself adds) and with Redis paused."""
         results = {}
-        labels = {
-            "ceiling": "ceiling",
-            "middleware": "middleware",
-            "middleware_frozen": "middleware, gc.freeze() at startup",
-        }
+        labels = {"ceiling": "ceiling", "middleware": "middleware"}
         for name, label in labels.items():
             url = self.serve(f"{name}_lag")
             wrk(f"{url}/words", 1, self.connections, self.script)  # warm-up: steady state only

@@ -14,9 +14,9 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 
 from async_task_middleware import AsyncTaskMiddleware, document_tasks
 from examples.wordcount.counting import running_count, word_count
-from examples.wordcount.worker import CORS, PROTECTION, celery_app
+from examples.wordcount.worker import CORS, PROTECTION, celery_app, frozen_heap
 
-app = FastAPI(title="word count")
+app = FastAPI(title="word count", lifespan=frozen_heap)
 
 
 @app.post("/words")

@@ -14,7 +14,7 @@ from starlette.routing import Route
 
 from async_task_middleware import AsyncTaskMiddleware
 from examples.wordcount.counting import word_count
-from examples.wordcount.worker import CORS, PROTECTION, celery_app
+from examples.wordcount.worker import CORS, PROTECTION, celery_app, frozen_heap
 
 
 async def count_words(request: Request) -> JSONResponse:
@@ -35,6 +35,7 @@ app = Starlette(
         Route("/words", count_words, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
     ],
+    lifespan=frozen_heap,
     middleware=[
         Middleware(
             CORSMiddleware,
