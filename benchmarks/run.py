@@ -1477,7 +1477,9 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} cores, {cpu}, Python {platform.python_version()}")
     print(
         f"wrk: 2 threads, {args.connections} connections, {args.seconds:g} s a run, "
-        f"{args.rounds} interleaved rounds, medians\n",
+        f"{args.rounds} interleaved rounds, medians; side by side (throughput's ratios to the "
+        f"ceiling): 1 thread and {args.connections // 2} connections each, "
+        f"{args.pair_seconds:g} s a run, {args.pairs} runs\n",
         flush=True,
     )
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
