@@ -89,8 +89,9 @@ def drain(rates: Mapping[str, Sequence[float]], out: Path) -> None:
 
 
 def io_bound(rows: Mapping[int, tuple[Sequence[float], Sequence[float]]], out: Path) -> None:
-    """For each count, seconds from the last submission to the last end: I/O-bound replays on
-    the replay pool against Celery alone with as many plain sleeping tasks, per round."""
+    """For each count, seconds from a warm worker's go to the last end of as many queued tasks:
+    I/O-bound replays on the replay pool against Celery alone with plain sleeping tasks, per
+    round."""
     plt = _pyplot()
     if plt is None or not rows:
         return
@@ -107,8 +108,8 @@ def io_bound(rows: Mapping[int, tuple[Sequence[float], Sequence[float]]], out: P
         ratio = statistics.median(r / a for r, a in zip(*rows[c], strict=True))
         top = max(max(rows[c][0]), max(rows[c][1]))
         ax.annotate(f"{ratio:.2f}x", (i, top), ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(counts)), [f"{c:,} tasks of a 2 s sleep" for c in counts])
-    ax.set_ylabel("s after the last submission")
+    ax.set_xticks(range(len(counts)), [f"{c:,} queued tasks of a 2 s sleep" for c in counts])
+    ax.set_ylabel("s from the worker's go to the last end")
     ax.set_title("I/O-bound replays against Celery alone (one worker process)")
     ax.legend(fontsize=8)
     _save(plt, fig, out, "io-bound.png")
