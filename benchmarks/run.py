@@ -33,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -286,9 +286,11 @@ class Suite:
         self.workers.append(worker)
         return worker
 
-    def baseline_celery(self) -> Celery:
-        """The baseline's Celery app, on this suite's Redis, for sending from here."""
-        app = Celery("baseline", broker=self.redis.url, backend=self.redis.url)
+    def baseline_celery(self, url: str | None = None) -> Celery:
+        """The baseline's Celery app, on this suite's Redis (``url``: another of its
+        databases), for sending from here."""
+        url = url or self.redis.url
+        app = Celery("baseline", broker=url, backend=url)
         app.conf.task_default_queue = "baseline"
         return app
 
@@ -794,8 +796,7 @@ class Suite:
         client = httpx.Client(base_url=url)
         plain_url = self.redis.url.rsplit("/", 1)[0] + "/1"
         plain_redis = redis.Redis.from_url(plain_url)
-        plain_celery = Celery("baseline", broker=plain_url, backend=plain_url)
-        plain_celery.conf.task_default_queue = "baseline"
+        plain_celery = self.baseline_celery(plain_url)
         queues = ((self.r, "celery"), (plain_redis, "baseline"))
         ratios: list[float] = []
         for pair in range(pairs):
@@ -817,11 +818,7 @@ class Suite:
                 order = starts if pair % 2 == 0 else starts[::-1]
                 workers = [pool.submit(start) for start in order]
                 started = [w.result() for w in workers]
-            deadline = time.monotonic() + 600
-            while any(r.llen(q) + r.hlen("unacked") for r, q in queues):
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the queues did not drain")
-                time.sleep(0.5)
+            _drained(queues)
             for worker in started:
                 worker.stop()
                 self.workers.remove(worker)
@@ -852,14 +849,8 @@ class Suite:
         raise TimeoutError("the queue did not drain")
 
     def _rate(self, count: int) -> float:
-        dates = []
-        for key in self._metas():
-            meta = json.loads(self.r.get(key))  # type: ignore[arg-type]
-            assert meta["status"] == "SUCCESS", meta
-            dates.append(meta["date_done"])
-        # ISO 8601 with its offset; the fraction is left out when it is zero.
-        parsed = sorted(datetime.datetime.fromisoformat(d).timestamp() for d in dates)
-        return (count - 1) / (parsed[-1] - parsed[0])
+        ends = _done_times(self.r)
+        return (count - 1) / (max(ends) - min(ends))
 
     def round_trip(self, count: int) -> dict[str, float]:
         """Median seconds from submit to a stored result: the middleware vs bare Celery."""
@@ -1041,14 +1032,10 @@ class Suite:
         sampler = contextlib.ExitStack()
         if profile is not None:
             sampler.enter_context(sampling(worker._proc.pid, profile))  # type: ignore[union-attr]
-        deadline = time.monotonic() + 600
         with sampler:
             started = time.time()
             worker.resume()
-            # Cheap reads while it runs: the queue and kombu's unacknowledged messages, both
-            # empty once every task ended and was acknowledged.
-            while self.r.llen(queue) + self.r.hlen("unacked") and time.monotonic() < deadline:
-                time.sleep(0.2)
+            _drained([(self.r, queue)])
         done = [end for end in ends() if end not in warm]
         assert len(done) == count, f"{len(done)} of the {count} tasks ended"
         worker.stop()
@@ -1371,6 +1358,17 @@ def _live(suite: Suite, args: argparse.Namespace) -> None:
     )
 
 
+def _drained(queues: Sequence[tuple[redis.Redis, str]]) -> None:
+    """Until every queue and kombu's unacknowledged messages beside it are empty: every task
+    ended and was acknowledged. Cheap reads, unlike a scan of the results, which would load
+    Redis more for the contender that leaves more keys."""
+    deadline = time.monotonic() + 600
+    while any(r.llen(queue) + r.hlen("unacked") for r, queue in queues):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the queues did not drain")
+        time.sleep(0.2)
+
+
 def _done_times(r: redis.Redis, count: int | None = None) -> list[float]:
     """When each task whose result is in ``r`` ended, as its worker recorded it (Celery's
     ``date_done``; the replay stores the same meta); ``count``: as many as there must be."""
@@ -1378,6 +1376,7 @@ def _done_times(r: redis.Redis, count: int | None = None) -> list[float]:
     for key in r.scan_iter("celery-task-meta-*", count=1000):
         meta = json.loads(r.get(key))  # type: ignore[arg-type]
         assert meta["status"] == "SUCCESS", meta
+        # ISO 8601 with its offset; the fraction is left out when it is zero.
         times.append(datetime.datetime.fromisoformat(meta["date_done"]).timestamp())
     assert count is None or len(times) == count, f"{len(times)} of {count} tasks have a result"
     return times
