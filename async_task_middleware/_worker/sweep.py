@@ -45,6 +45,9 @@ PASS_GAP = 5.0
 #: slow worker for a killed one costs no more than a sweep.
 DEAD_AFTER = 30.0
 _CHUNK = 100  # messages read at a time: they carry request bodies
+#: Keys a ``SCAN`` step looks at. Redis's default, 10, took a round trip per 10 keys of the
+#: whole database (results and records included) to find the few copies among them.
+_SCAN_COUNT = 1000
 _TASK_ID = re.compile(rb'"id":\s*"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"')
 
 
@@ -147,7 +150,8 @@ class Sweeper(threading.Thread):
     def missing(self) -> set[str]:
         """Tasks with a kept copy, unbegun, whose message is in no queue and not unacked."""
         prefix = self._binding.record_prefix + b"message-"
-        copies = [key[len(prefix) :].decode() for key in self._client.scan_iter(prefix + b"*")]
+        keys = self._client.scan_iter(prefix + b"*", count=_SCAN_COUNT)
+        copies = [key[len(prefix) :].decode() for key in keys]
         if not copies:
             return set()
         pipe = self._client.pipeline(transaction=False)

@@ -296,6 +296,35 @@ async def _popped_then_found(
         assert "\nasync_task_middleware_pushed_again_total 1.0\n" in metrics
 
 
+async def test_the_sweep_finds_the_copies_among_a_large_database_in_few_steps(
+    logdir: Path,
+) -> None:
+    """Where a worker starts, the sweep finds the kept copies among every key of the database (a
+    day's results and records): a few ``SCAN`` steps of a thousand keys each, not a round trip
+    per ten keys (Redis's default step); and what it finds is right."""
+    from async_task_middleware._shared.binding import Binding
+    from async_task_middleware._worker.sweep import Sweeper
+
+    with RedisServer(logdir / "sweep-scan-redis") as server:
+        celery = Celery("sweep", broker=server.url, backend=server.url)
+        app = build_probe(celery)
+        async with LifespanManager(app), make_client(app) as client:
+            locations = [await submit(client, "/slow?seconds=0") for _ in range(3)]
+        store = redis.Redis.from_url(server.url)
+        pipe = store.pipeline(transaction=False)
+        for n in range(50_000):
+            pipe.set(f"celery-task-meta-{n}", b"{}")
+        pipe.execute()
+        store.rpop("celery")  # the oldest message, dropped as a killed Redis would
+        store.config_resetstat()
+        sweeper = Sweeper(celery, Binding.of(celery))
+        assert sweeper.missing() == {locations[0].rsplit("/", 1)[-1]}
+        scans = store.info("commandstats")["cmdstat_scan"]["calls"]
+        assert scans <= 100, f"{scans} SCAN steps for {store.dbsize()} keys"
+        sweeper.stop()
+        store.close()
+
+
 async def test_the_sweep_leaves_queued_and_unacked_messages_alone(logdir: Path) -> None:
     """The sweep pushes nothing again when every message is where kombu keeps it: waiting in
     the queue, or unacknowledged."""
