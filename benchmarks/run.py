@@ -974,15 +974,19 @@ class Suite:
         self.workers.remove(worker)
         return figures
 
-    def io_queued(self, count: int, contender: str, profile: Path | None = None) -> float:
+    def io_queued(
+        self, count: int, contender: str, profile: Path | None = None
+    ) -> tuple[float, dict[str, float]]:
         """Seconds from the moment a warm worker may take ``count`` queued I/O-bound tasks to
         the end of the last of them, as the worker recorded it, with nothing else running:
         ``replay``, replays of an endpoint that awaits 2 s, submitted through the middleware,
         on the replay pool; ``celery``, Celery alone, plain tasks that sleep 2 s, on its
         threads pool, each recording when it ended. Each worker has run one task first (its
         imports, the app's lifespan: what a running worker has behind it), then is paused
-        while the tasks are queued and let go at once. ``profile``: the worker's stacks
-        sampled meanwhile (``profile_shares``)."""
+        while the tasks are queued and let go at once. Also each kind of the worker's threads'
+        CPU seconds meanwhile (``thread_cpu``). ``profile``: the worker's stacks sampled
+        meanwhile (``profile_shares``); the sampler takes CPU from the machine's two cores,
+        so a sampled run is not one to compare."""
         import anyio
         from asgi_lifespan import LifespanManager
 
@@ -1032,15 +1036,23 @@ class Suite:
         sampler = contextlib.ExitStack()
         if profile is not None:
             sampler.enter_context(sampling(worker._proc.pid, profile))  # type: ignore[union-attr]
+        pid = worker._proc.pid  # type: ignore[union-attr]
+        before = thread_cpu(pid)  # paused: nothing moves
         with sampler:
             started = time.time()
             worker.resume()
             _drained([(self.r, queue)])
         done = [end for end in ends() if end not in warm]
         assert len(done) == count, f"{len(done)} of the {count} tasks ended"
+        spent = thread_cpu(pid)
+        names = thread_names(pid)
         worker.stop()
         self.workers.remove(worker)
-        return max(done) - started
+        threads: dict[str, float] = {}
+        for tid, seconds in spent.items():
+            kind = next((k for k, mark in _THREADS if names.get(tid, "").startswith(mark)), "other")
+            threads[kind] = threads.get(kind, 0.0) + seconds - before.get(tid, 0.0)
+        return max(done) - started, threads
 
     def io_celery_alone(self, count: int) -> dict[str, float]:
         """Celery alone for the I/O-bound figure: ``count`` plain tasks that sleep 2 s, on one
@@ -1408,6 +1420,35 @@ def sampling(pid: int, raw: Path, rate: int | None = None) -> Iterator[None]:
         sampler.wait(60)
 
 
+def thread_cpu(pid: int) -> dict[int, float]:
+    """Each thread's CPU seconds so far, by thread id: ``/proc``'s ``schedstat``, in
+    nanoseconds (``stat`` counts clock ticks, and a thread that runs one task takes less than
+    one)."""
+    spent: dict[int, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            spent[int(task.name)] = int((task / "schedstat").read_text().split()[0]) / 1e9
+    return spent
+
+
+def thread_names(pid: int) -> dict[int, str]:
+    """The Python name of each of a process's threads, by thread id (``py-spy dump``)."""
+    dump = subprocess.run(
+        [py_spy(), "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=60
+    ).stdout
+    found = re.finditer(r'^Thread (\d+) \([^)]*\): "(.*)"$', dump, re.M)
+    return {int(m[1]): m[2] for m in found}
+
+
+#: The worker's threads by the start of their Python name; any other is "other".
+_THREADS = (
+    ("the consumer (main thread)", "MainThread"),
+    ("the step threads", "replay-steps"),
+    ("the event loop", "async-task-middleware-loop"),
+    ("the task threads", "ThreadPoolExecutor"),
+)
+
+
 def py_spy() -> str:
     found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(found).exists():
@@ -1523,11 +1564,11 @@ def _targets(suite: Suite, args: argparse.Namespace) -> None:
         replays: list[float] = []
         alones: list[float] = []
         measured[count] = (replays, alones)
-        profile = suite.tmp / f"io-{count}.raw" if count == max(args.io) else None
-        for round_ in range(suite.rounds):
-            sampled = profile if round_ == suite.rounds - 1 else None
-            replays.append(suite.io_queued(count, "replay", sampled))
-            alones.append(suite.io_queued(count, "celery"))
+        for _ in range(suite.rounds):
+            replay, replay_threads = suite.io_queued(count, "replay")
+            alone, alone_threads = suite.io_queued(count, "celery")
+            replays.append(replay)
+            alones.append(alone)
         ratios = [r / a for r, a in zip(replays, alones, strict=True)]
         median = statistics.median(ratios)
         print(
@@ -1538,13 +1579,24 @@ def _targets(suite: Suite, args: argparse.Namespace) -> None:
             f"); median {median:.2f}x ({_verdict(median, 1.1, at_most=True)})",
             flush=True,
         )
-        if profile is not None and profile.exists():
-            shares = ", ".join(f"{p} {100 * v:.0f} %" for p, v in profile_shares(profile).items())
+        for name, threads in (("replay pool", replay_threads), ("Celery alone", alone_threads)):
+            split = ", ".join(f"{kind} {v:.1f} s" for kind, v in threads.items() if v >= 0.05)
             print(
-                f"  the worker's CPU in the last round's {count:,} replays (py-spy, GIL held): "
-                f"{shares}",
+                f"  the last round's CPU by thread (/proc), {name}: "
+                f"{sum(threads.values()):.1f} s in all; {split}",
                 flush=True,
             )
+        if count == max(args.io):
+            # Sampled in a round of its own: the sampler's CPU would weigh on a measured one.
+            profile = suite.tmp / f"io-{count}.raw"
+            suite.io_queued(count, "replay", profile)
+            if profile.exists():
+                shares = profile_shares(profile).items()
+                print(
+                    f"  the worker's CPU in one more round of {count:,} replays, sampled "
+                    f"(py-spy, GIL held): {', '.join(f'{p} {100 * v:.0f} %' for p, v in shares)}",
+                    flush=True,
+                )
     if 1000 in args.io:
         # As a client sees it: submitted through the middleware while the worker runs, each
         # waited for with a long poll.
