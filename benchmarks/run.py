@@ -833,7 +833,7 @@ class Suite:
         return ratios
 
     def _metas(self) -> list[bytes]:
-        return list(self.r.scan_iter("celery-task-meta-*", count=1000))
+        return _meta_keys(self.r)
 
     def _wait_results(self, count: int, worker: Worker) -> tuple[int, int]:
         pid = worker._proc.pid  # type: ignore[union-attr]
@@ -1374,18 +1374,24 @@ def _drained(queues: Sequence[tuple[redis.Redis, str]]) -> None:
     """Until every queue and kombu's unacknowledged messages beside it are empty: every task
     ended and was acknowledged. Cheap reads, unlike a scan of the results, which would load
     Redis more for the contender that leaves more keys."""
-    deadline = time.monotonic() + 600
-    while any(r.llen(queue) + r.hlen("unacked") for r, queue in queues):
-        if time.monotonic() > deadline:
-            raise TimeoutError("the queues did not drain")
-        time.sleep(0.2)
+    wait_for(
+        lambda: not any(r.llen(queue) + r.hlen("unacked") for r, queue in queues),
+        600,
+        "the drained queues",
+        interval=0.2,
+    )
+
+
+def _meta_keys(r: redis.Redis) -> list[bytes]:
+    """The keys of Celery's result metas in ``r`` (the replay stores the same meta)."""
+    return list(r.scan_iter("celery-task-meta-*", count=1000))
 
 
 def _done_times(r: redis.Redis, count: int | None = None) -> list[float]:
     """When each task whose result is in ``r`` ended, as its worker recorded it (Celery's
     ``date_done``; the replay stores the same meta); ``count``: as many as there must be."""
     times = []
-    for key in r.scan_iter("celery-task-meta-*", count=1000):
+    for key in _meta_keys(r):
         meta = json.loads(r.get(key))  # type: ignore[arg-type]
         assert meta["status"] == "SUCCESS", meta
         # ISO 8601 with its offset; the fraction is left out when it is zero.
