@@ -798,39 +798,41 @@ class Suite:
         plain_redis = redis.Redis.from_url(plain_url)
         plain_celery = self.baseline_celery(plain_url)
         queues = ((self.r, "celery"), (plain_redis, "baseline"))
-        ratios: list[float] = []
-        for pair in range(pairs):
+        # Closed when done: each call would leave a client (and its connections) behind.
+        with client, plain_redis, contextlib.closing(plain_celery):
+            ratios: list[float] = []
+            for pair in range(pairs):
+                for r, _ in queues:
+                    r.flushdb()
+                self.r.set("async-task-middleware-redis-run", self.r.info("server")["run_id"])
+                for _ in range(count):
+                    response = client.post("/words", files={"text": ("t.txt", TEXT.encode())})
+                    assert response.status_code == 303
+                    plain_celery.send_task(
+                        "baseline.count_words_through_endpoint",
+                        args=[MULTIPART, f"multipart/form-data; boundary={BOUNDARY}"],
+                    )
+                starts = [
+                    lambda: self.worker("examples.wordcount.worker"),
+                    lambda: self.worker("benchmarks.baseline_worker", {"REDIS_URL": plain_url}),
+                ]
+                with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                    order = starts if pair % 2 == 0 else starts[::-1]
+                    workers = [pool.submit(start) for start in order]
+                    started = [w.result() for w in workers]
+                _drained(queues)
+                for worker in started:
+                    worker.stop()
+                    self.workers.remove(worker)
+                replay, plain = (sorted(_done_times(r, count)) for r, _ in queues)
+                begin = max(replay[count // 10], plain[count // 10])
+                end = min(replay[count * 9 // 10], plain[count * 9 // 10])
+                assert end > begin, "the two drains hardly overlapped"
+                rates = [bisect.bisect(t, end) - bisect.bisect(t, begin) for t in (replay, plain)]
+                ratios.append(rates[0] / rates[1])
             for r, _ in queues:
                 r.flushdb()
-            self.r.set("async-task-middleware-redis-run", self.r.info("server")["run_id"])
-            for _ in range(count):
-                response = client.post("/words", files={"text": ("t.txt", TEXT.encode())})
-                assert response.status_code == 303
-                plain_celery.send_task(
-                    "baseline.count_words_through_endpoint",
-                    args=[MULTIPART, f"multipart/form-data; boundary={BOUNDARY}"],
-                )
-            starts = [
-                lambda: self.worker("examples.wordcount.worker"),
-                lambda: self.worker("benchmarks.baseline_worker", {"REDIS_URL": plain_url}),
-            ]
-            with concurrent.futures.ThreadPoolExecutor(2) as pool:
-                order = starts if pair % 2 == 0 else starts[::-1]
-                workers = [pool.submit(start) for start in order]
-                started = [w.result() for w in workers]
-            _drained(queues)
-            for worker in started:
-                worker.stop()
-                self.workers.remove(worker)
-            replay, plain = (sorted(_done_times(r, count)) for r, _ in queues)
-            begin = max(replay[count // 10], plain[count // 10])
-            end = min(replay[count * 9 // 10], plain[count * 9 // 10])
-            assert end > begin, "the two drains hardly overlapped"
-            rates = [bisect.bisect(t, end) - bisect.bisect(t, begin) for t in (replay, plain)]
-            ratios.append(rates[0] / rates[1])
-        for r, _ in queues:
-            r.flushdb()
-        return ratios
+            return ratios
 
     def _metas(self) -> list[bytes]:
         return _meta_keys(self.r)
@@ -1639,10 +1641,18 @@ SECTIONS: dict[str, Callable[[Suite, argparse.Namespace], None]] = {
 }
 
 
+def _at_least_one(value: str) -> int:
+    """A count of rounds: the sections print their last round's figures."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"at least 1, not {number}")
+    return number
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=3, help="per wrk run")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=_at_least_one, default=3)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument(
         "--pairs", type=int, default=5, help="throughput: side-by-side runs against the ceiling"
