@@ -7,6 +7,7 @@ import asyncio
 import functools
 import json
 import os
+import threading
 import time
 from typing import Any
 
@@ -60,6 +61,23 @@ def sleep(seconds: float) -> None:
     _shared().rpush(SLEEPS_DONE, time.time())
 
 
+@celery_app.task(
+    name="baseline.sleep_through_endpoint",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+)
+def sleep_through_endpoint(seconds: float) -> None:
+    """The I/O-bound replay's work without the library, on Celery's threads pool: the probe
+    app's own ``POST /slow`` endpoint (Starlette, ``await asyncio.sleep``), called in process
+    on one event loop the process's task threads share (a thread waits for it, as any task
+    that runs an async endpoint itself does); then the time it ended, as ``sleep``."""
+    future = asyncio.run_coroutine_threadsafe(_slow(seconds), _shared_loop())
+    status, _ = future.result()
+    assert status == 200, status
+    _shared().rpush(SLEEPS_DONE, time.time())
+
+
 #: Where ``baseline.sleep`` records the time each one ended.
 SLEEPS_DONE = "baseline-sleeps-done"
 
@@ -91,25 +109,52 @@ def _loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
+@functools.cache
+def _shared_loop() -> asyncio.AbstractEventLoop:
+    """One loop for the whole process, in a thread of its own, and the probe's endpoint."""
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from tests.apps import slow
+
+    _endpoint["slow"] = Starlette(routes=[Route("/slow", slow, methods=["POST"])])
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, name="baseline-loop", daemon=True).start()
+    return loop
+
+
+async def _slow(seconds: float) -> tuple[int, bytes]:
+    scope = _scope("POST", "/slow", f"seconds={seconds}".encode(), [])
+    return await _call(_endpoint["slow"], scope, b"")
+
+
 async def _post(body: bytes, content_type: str) -> tuple[int, bytes]:
-    scope = {
+    headers = [(b"content-type", content_type.encode())]
+    return await _call(_endpoint["app"], _scope("POST", "/words", b"", headers), body)
+
+
+def _scope(
+    method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]]
+) -> dict[str, Any]:
+    return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
-        "method": "POST",
+        "method": method,
         "scheme": "http",
-        "path": "/words",
-        "raw_path": b"/words",
+        "path": path,
+        "raw_path": path.encode(),
         "root_path": "",
-        "query_string": b"",
-        "headers": [
-            (b"host", b"baseline"),
-            (b"content-type", content_type.encode()),
-            (b"content-length", str(len(body)).encode()),
-        ],
+        "query_string": query,
+        "headers": [(b"host", b"baseline"), *headers],
         "client": ("127.0.0.1", 1),
         "server": ("baseline", 80),
     }
+
+
+async def _call(app: Any, scope: dict[str, Any], body: bytes) -> tuple[int, bytes]:
+    """``app`` called as a server would, its status and body."""
+    scope["headers"].append((b"content-length", str(len(body)).encode()))
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
@@ -118,5 +163,5 @@ async def _post(body: bytes, content_type: str) -> tuple[int, bytes]:
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    await _endpoint["app"](scope, receive, send)
+    await app(scope, receive, send)
     return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])

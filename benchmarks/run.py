@@ -983,10 +983,12 @@ class Suite:
         the end of the last of them, as the worker recorded it, with nothing else running:
         ``replay``, replays of an endpoint that awaits 2 s, submitted through the middleware,
         on the replay pool; ``celery``, Celery alone, plain tasks that sleep 2 s, on its
-        threads pool, each recording when it ended. Each worker has run one task first (its
-        imports, the app's lifespan: what a running worker has behind it), then is paused
-        while the tasks are queued and let go at once. Also each kind of the worker's threads'
-        CPU seconds meanwhile (``thread_cpu``). ``profile``: the worker's stacks sampled
+        threads pool, each recording when it ended; ``endpoint``, the same on Celery's threads
+        pool but each task running the probe's own ``/slow`` endpoint in process, on one event
+        loop the process shares (the replay's work without the library). Each worker has run
+        one task first (its imports, the app's lifespan: what a running worker has behind it),
+        then is paused while the tasks are queued and let go at once. Also each kind of the
+        worker's threads' CPU seconds meanwhile (``thread_cpu``). ``profile``: the worker's stacks sampled
         meanwhile (``profile_shares``); the sampler takes CPU from the machine's two cores,
         so a sampled run is not one to compare."""
         import anyio
@@ -1018,10 +1020,11 @@ class Suite:
             env = {"ATM_TEST_TIME_LIMIT": "120"}
         else:
             baseline_celery = self.baseline_celery()
+            task = {"celery": "baseline.sleep", "endpoint": "baseline.sleep_through_endpoint"}
 
             def submit(n: int, seconds: float) -> None:
                 for _ in range(n):
-                    baseline_celery.send_task("baseline.sleep", args=[seconds])
+                    baseline_celery.send_task(task[contender], args=[seconds])
 
             def ends() -> list[float]:
                 return [float(end) for end in self.r.lrange(SLEEPS_DONE, 0, -1)]
@@ -1453,6 +1456,7 @@ _THREADS = (
     ("the consumer (main thread)", "MainThread"),
     ("the step threads", "replay-steps"),
     ("the event loop", "async-task-middleware-loop"),
+    ("the event loop", "baseline-loop"),
     ("the task threads", "ThreadPoolExecutor"),
 )
 
@@ -1572,12 +1576,15 @@ def _targets(suite: Suite, args: argparse.Namespace) -> None:
     for count in args.io:
         replays: list[float] = []
         alones: list[float] = []
+        endpoints: list[float] = []
         measured[count] = (replays, alones)
         for _ in range(suite.rounds):
             replay, replay_threads = suite.io_queued(count, "replay")
             alone, alone_threads = suite.io_queued(count, "celery")
+            endpoint, endpoint_threads = suite.io_queued(count, "endpoint")
             replays.append(replay)
             alones.append(alone)
+            endpoints.append(endpoint)
         ratios = [r / a for r, a in zip(replays, alones, strict=True)]
         median = statistics.median(ratios)
         print(
@@ -1588,7 +1595,21 @@ def _targets(suite: Suite, args: argparse.Namespace) -> None:
             f"); median {median:.2f}x ({_verdict(median, 1.1, at_most=True)})",
             flush=True,
         )
-        for name, threads in (("replay pool", replay_threads), ("Celery alone", alone_threads)):
+        apart = [r / e for r, e in zip(replays, endpoints, strict=True)]
+        print(
+            f"  beside it, not the target: the replays / as many plain tasks on Celery's threads "
+            f"pool that each run the same endpoint in process, on one loop they share (the "
+            f"replay's work without the library): each round "
+            f"{', '.join(f'{r:.2f}x' for r in apart)} "
+            f"({', '.join(f'{e:.1f} s' for e in endpoints)}); "
+            f"median {statistics.median(apart):.2f}x",
+            flush=True,
+        )
+        for name, threads in (
+            ("replay pool", replay_threads),
+            ("Celery alone", alone_threads),
+            ("the same endpoint in plain tasks", endpoint_threads),
+        ):
             split = ", ".join(f"{kind} {v:.1f} s" for kind, v in threads.items() if v >= 0.05)
             print(
                 f"  the last round's CPU by thread (/proc), {name}: "

@@ -12,6 +12,7 @@ that no thread waits while the replay runs.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import os
 import time
@@ -90,12 +91,23 @@ class Job:
         self.hook: dict[str, Any] | None = hook if isinstance(hook, dict) else None
         self.progress_due = ProgressThrottle()
 
-    def begin(self) -> None:
+    def begin(self, attempts: int | None = None) -> None:
         """Count this delivery; a deleted or finished task, or one whose worker died
-        ``max_attempts`` times, goes no further (``Ignore``)."""
-        self._once("begin", self._begin)
+        ``max_attempts`` times, goes no further (``Ignore``). ``attempts``: ``BEGIN``'s answer
+        where the caller ran it (``begin_in``), else it runs here."""
+        self._once("begin", lambda: self._begin(attempts))
 
-    def _begin(self) -> None:
+    def begin_in(self, pipe: Any) -> None:
+        """Queue this delivery's ``BEGIN`` in ``pipe``: the replay pool begins the deliveries
+        that arrived together in one round trip. Its answer goes to ``begin``; a pipeline
+        that failed leaves ``begin`` to run it again, which counts the delivery once."""
+        keys, values = self._begin_call
+        # By its digest: through the Script, each pipeline would first ask whether Redis has
+        # it, a round trip more. Redis without it (restarted) answers NOSCRIPT: ``begin``.
+        pipe.evalsha(self._begin_script.sha, len(keys), *keys, *values)
+
+    @functools.cached_property
+    def _begin_call(self) -> tuple[list[bytes], list[Any]]:
         b, task_id = self.runtime.binding, self.task_id
         queued_set = b.queued_set_key(str(self.envelope.get("app")), str(self.route))
         keys = [
@@ -109,8 +121,13 @@ class Job:
             b.stream_key(task_id),
         ]
         token = uuid.uuid4().hex  # this delivery's: a BEGIN tried again counts it once
-        values = [b.expires, task_id, self.runtime.heartbeat_ms, self.channel, token]
-        attempts = again(lambda: self._begin_script(keys=keys, args=values), "beginning a task")
+        return keys, [b.expires, task_id, self.runtime.heartbeat_ms, self.channel, token]
+
+    def _begin(self, attempts: int | None) -> None:
+        task_id = self.task_id
+        if attempts is None:
+            keys, values = self._begin_call
+            attempts = again(lambda: self._begin_script(keys=keys, args=values), "beginning a task")
         if attempts == -1:
             logger.info("task %s already has its outcome: not run again", task_id)
             raise Ignore()

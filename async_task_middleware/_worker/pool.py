@@ -4,8 +4,9 @@ Celery's threads pool holds a thread for each running task; a replay's thread on
 the event loop, where the replay runs. At thousands in flight, starting those threads and
 passing the interpreter's lock among them costs more than the replays. This pool runs the
 replay task's first steps (``Job.begin``, ``Job.start``: count the delivery, hand the replay to
-the loop) on one of its threads, lets go of it while the replay runs, and runs Celery's own
-trace when the replay is done: ``Job.wait`` finds it finished, ``finish`` stores the outcome,
+the loop) on a thread of its own, for the deliveries that arrive together at once (a draining
+queue: one ``BEGIN`` round trip and one wake of the loop for a batch, ``BEGIN_LINGER``), and
+runs Celery's own trace on one of its step threads when the replay is done: ``Job.wait`` finds it finished, ``finish`` stores the outcome,
 and Celery acknowledges the message, signals and logs as for any task. Other tasks run as on
 the threads pool. Delivery, leases, time limits (a blocked loop is noticed by the beater),
 cancellation and progress are the replay's own, the same on every pool.
@@ -16,11 +17,13 @@ cancellation and progress are the replay's own, the same on every pool.
 
 from __future__ import annotations
 
+import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from celery.concurrency.base import apply_target
@@ -32,9 +35,27 @@ from .._shared.binding import TASK_NAME
 from .job import Job
 from .runtime import Runtime
 
-#: Threads for the replays' steps before and after they run: each step is short (a Redis
+logger = logging.getLogger(__name__)
+
+#: Threads for the replays' last steps (Celery's trace, ``FINISH``): each is short (a Redis
 #: round trip or two), so a few serve thousands of replays; more would only contend.
 STEP_THREADS = 4
+#: The most deliveries begun in one round trip.
+BEGIN_BATCH = 100
+#: Seconds a delivery that follows another this closely waits for more to begin with it. A
+#: replay runs for seconds or minutes; this is what it trades for the worker's CPU per replay.
+BEGIN_LINGER = 0.02
+
+#: A delivery handed to the pool: its step's future, then ``_prepare``'s arguments.
+_Arrival = tuple[
+    Future[None],
+    Runtime,
+    Callable[..., Any],
+    tuple[Any, ...],
+    dict[str, Any] | None,
+    Callable[..., Any] | None,
+    Callable[..., Any] | None,
+]
 
 
 class ReplayPool(ThreadsPool):  # type: ignore[misc]
@@ -43,7 +64,14 @@ class ReplayPool(ThreadsPool):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._steps = ThreadPoolExecutor(STEP_THREADS, thread_name_prefix="replay-steps")
+        self._arrivals: queue.SimpleQueue[_Arrival | None] = queue.SimpleQueue()
+        self._beginner = threading.Thread(
+            target=self._beginning, name="replay-steps-begin", daemon=True
+        )
+        self._beginner.start()
         self._pending = 0  # replays applied whose trace has not returned
+        self._begun = 0  # deliveries begun, and in how many round trips (``stats``)
+        self._begin_trips = 0
         self._idle = threading.Condition()
         self._accept = prepare_accept_content(self.app.conf.accept_content)  # type: ignore[no-untyped-call]
 
@@ -61,12 +89,70 @@ class ReplayPool(ThreadsPool):  # type: ignore[misc]
             return super().on_apply(target, args, kwargs, callback, accept_callback, **rest)
         with self._idle:
             self._pending += 1
-        begun = self._steps.submit(
-            self._begin, runtime, target, args, kwargs, callback, accept_callback
-        )
+        begun: Future[None] = Future()
+        self._arrivals.put((begun, runtime, target, args, kwargs, callback, accept_callback))
         return ApplyResult(begun)
 
-    def _begin(
+    def _beginning(self) -> None:
+        """Begin the replays as they arrive, in batches: one round trip for their ``BEGIN``s,
+        one wake of the loop for their starts, and the hand-offs between the threads once a
+        batch, not once a replay. A lone delivery begins at once; one that follows another
+        within ``BEGIN_LINGER`` (a queue draining) waits that long for more."""
+        previous = -BEGIN_LINGER
+        while (arrival := self._arrivals.get()) is not None:
+            now = time.monotonic()
+            deadline = now + BEGIN_LINGER if now - previous < BEGIN_LINGER else now
+            previous = now
+            batch = [arrival]
+            while len(batch) < BEGIN_BATCH:
+                try:
+                    more = self._arrivals.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._arrivals.put(None)  # stopping: after this batch
+                    break
+                batch.append(more)
+            try:
+                self._begin(batch)
+            except Exception as exc:  # this thread begins every replay: it must go on
+                logger.exception("beginning %d replays failed", len(batch))
+                for begun, *_ in batch:
+                    if not begun.done():
+                        begun.set_exception(exc)
+
+    def _begin(self, batch: list[_Arrival]) -> None:
+        prepared = [(arrival[0], self._prepare(*arrival[1:])) for arrival in batch]
+        jobs = [found for _, found in prepared if found is not None]
+        answers: list[Any] = [None] * len(jobs)
+        self._begun += len(jobs)
+        self._begin_trips += 1 if len(jobs) > 1 else len(jobs)
+        if len(jobs) > 1 and len({id(job.store) for job, _ in jobs}) == 1:
+            pipe = jobs[0][0].store.pipeline(transaction=False)
+            try:
+                for job, _ in jobs:
+                    job.begin_in(pipe)
+                answers = pipe.execute(raise_on_error=False)
+            except Exception:
+                # Redis away, or failing over: each begins on its own below, tried again as
+                # any step is; a BEGIN that did run counts its delivery once (its token).
+                answers = [None] * len(jobs)
+        for (job, trace), answer in zip(jobs, answers, strict=True):
+            attempts = answer if isinstance(answer, int) else None  # an error: ``begin`` again
+            try:
+                job.begin(attempts)
+                job.start()
+            except BaseException:
+                trace()  # kept in the job: its trace raises it where the task would have
+            else:
+                assert job.beat is not None
+                assert job.future is not None
+                job.beat.overdue = trace  # a loop blocked past the deadline: the trace says so
+                job.future.add_done_callback(trace)
+        for begun, _ in prepared:
+            begun.set_result(None)
+
+    def _prepare(
         self,
         runtime: Runtime,
         target: Callable[..., Any],
@@ -74,7 +160,9 @@ class ReplayPool(ThreadsPool):  # type: ignore[misc]
         kwargs: dict[str, Any] | None,
         callback: Callable[..., Any] | None,
         accept_callback: Callable[..., Any] | None,
-    ) -> None:
+    ) -> tuple[Job, Callable[..., None]] | None:
+        """The delivery's job and the trace that ends it; None if the trace already ran (a
+        message the job cannot be made from: the trace fails it as Celery does)."""
         if accept_callback:
             accept_callback(os.getpid(), time.monotonic())
         task_id, body, content_type, content_encoding = args[1], args[3], args[4], args[5]
@@ -100,17 +188,8 @@ class ReplayPool(ThreadsPool):  # type: ignore[misc]
 
         if job is None:
             trace()
-            return
-        try:
-            job.begin()
-            job.start()
-        except BaseException:
-            trace()  # kept in the job: its trace raises it where the task would have
-            return
-        assert job.beat is not None
-        assert job.future is not None
-        job.beat.overdue = trace  # a loop blocked past the deadline: the trace says so
-        job.future.add_done_callback(trace)
+            return None
+        return job, trace
 
     def _trace(
         self,
@@ -134,10 +213,14 @@ class ReplayPool(ThreadsPool):  # type: ignore[misc]
         # A warm shutdown lets the running replays finish, as the threads pool does.
         with self._idle:
             self._idle.wait_for(lambda: self._pending == 0)
+        self._arrivals.put(None)
+        self._beginner.join()
         self._steps.shutdown(wait=True)
         super().on_stop()
 
     def _get_info(self) -> Any:
         info = super()._get_info()
         info["replays"] = self._pending
+        info["replays begun"] = self._begun
+        info["begin round trips"] = self._begin_trips
         return info

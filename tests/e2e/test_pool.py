@@ -277,3 +277,42 @@ async def test_a_message_delivered_twice_at_once(
     log = (tmp_path / "w.log").read_text()
     assert log.count(f"task {task_id} finished: POST /mark 200") == 2
     assert "Traceback" not in log
+
+
+async def test_queued_deliveries_begin_together(private_redis: RedisServer, tmp_path: Path) -> None:
+    """300 replays queued before the worker starts, every tenth deleted: the pool begins
+    deliveries that follow one another in batches, one round trip for their ``BEGIN``s (as
+    ``celery inspect stats`` reports them), and each batch keeps each delivery's own answer:
+    the deleted never run, every other runs once, all are acknowledged."""
+    celery_app = Celery("pool", broker=private_redis.url, backend=private_redis.url)
+    app = build_probe(celery_app)
+    admin = redis.Redis.from_url(private_redis.url)
+    keys = [f"together-{uuid.uuid4()}" for _ in range(300)]
+    deleted = set(range(0, len(keys), 10))
+    async with LifespanManager(app), make_client(app) as c:
+        locations = [await submit(c, f"/mark?key={key}") for key in keys]
+        for i in deleted:
+            assert (await c.delete(locations[i])).status_code == 204
+        worker = replay_worker(private_redis, tmp_path / "w.log").start()
+        try:
+            for i, location in enumerate(locations):
+                if i not in deleted:
+                    assert (await final(c, location)).json() == {"marked": keys[i]}
+            with anyio.fail_after(10):
+                while admin.zcard("unacked_index") or admin.llen("celery"):
+                    await anyio.sleep(0.05)
+            stats = await anyio.to_thread.run_sync(
+                lambda: celery_app.control.inspect(timeout=5).stats()
+            )
+        finally:
+            worker.stop()
+    assert stats is not None
+    (pool,) = (worker_stats["pool"] for worker_stats in stats.values())
+    assert pool["replays begun"] == len(keys)
+    assert pool["begin round trips"] < pool["replays begun"] / 2, pool
+    assert [runs(private_redis, key) for key in keys] == [
+        0 if i in deleted else 1 for i in range(len(keys))
+    ]
+    log = (tmp_path / "w.log").read_text()
+    assert log.count("dropped: its record is gone") == len(deleted)
+    assert "Traceback" not in log
