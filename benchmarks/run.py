@@ -988,9 +988,9 @@ class Suite:
         loop the process shares (the replay's work without the library). Each worker has run
         one task first (its imports, the app's lifespan: what a running worker has behind it),
         then is paused while the tasks are queued and let go at once. Also each kind of the
-        worker's threads' CPU seconds meanwhile (``thread_cpu``). ``profile``: the worker's stacks sampled
-        meanwhile (``profile_shares``); the sampler takes CPU from the machine's two cores,
-        so a sampled run is not one to compare."""
+        worker's threads' CPU seconds meanwhile (``thread_cpu``). ``profile``: the worker's
+        stacks sampled meanwhile (``profile_shares``); the sampler takes CPU from the machine's
+        two cores, so a sampled run is not one to compare."""
         import anyio
         from asgi_lifespan import LifespanManager
 

@@ -5,9 +5,10 @@ the event loop, where the replay runs. At thousands in flight, starting those th
 passing the interpreter's lock among them costs more than the replays. This pool runs the
 replay task's first steps (``Job.begin``, ``Job.start``: count the delivery, hand the replay to
 the loop) on a thread of its own, for the deliveries that arrive together at once (a draining
-queue: one ``BEGIN`` round trip and one wake of the loop for a batch, ``BEGIN_LINGER``), and
-runs Celery's own trace on one of its step threads when the replay is done: ``Job.wait`` finds it finished, ``finish`` stores the outcome,
-and Celery acknowledges the message, signals and logs as for any task. Other tasks run as on
+queue: one ``BEGIN`` round trip and one wake of the loop a batch, ``BEGIN_LINGER``), and runs
+Celery's own trace on one of its step threads when the replay is done: ``Job.wait`` finds it
+finished, ``finish`` stores the outcome, and Celery acknowledges the message, signals and logs
+as for any task. Other tasks run as on
 the threads pool. Delivery, leases, time limits (a blocked loop is noticed by the beater),
 cancellation and progress are the replay's own, the same on every pool.
 
@@ -70,7 +71,7 @@ class ReplayPool(ThreadsPool):  # type: ignore[misc]
         )
         self._beginner.start()
         self._pending = 0  # replays applied whose trace has not returned
-        self._begun = 0  # deliveries begun, and in how many round trips (``stats``)
+        self._begun = 0  # deliveries begun, and in how many round trips (``inspect stats``)
         self._begin_trips = 0
         self._idle = threading.Condition()
         self._accept = prepare_accept_content(self.app.conf.accept_content)  # type: ignore[no-untyped-call]
@@ -96,9 +97,10 @@ class ReplayPool(ThreadsPool):  # type: ignore[misc]
     def _beginning(self) -> None:
         """Begin the replays as they arrive, in batches: one round trip for their ``BEGIN``s,
         one wake of the loop for their starts, and the hand-offs between the threads once a
-        batch, not once a replay. A lone delivery begins at once; one that follows another
-        within ``BEGIN_LINGER`` (a queue draining) waits that long for more."""
-        previous = -BEGIN_LINGER
+        batch, not once a replay. A lone delivery begins at once; one taken within
+        ``BEGIN_LINGER`` of the last batch's first (a queue draining) waits up to that long
+        for more."""
+        previous = -BEGIN_LINGER  # when the last batch's first delivery was taken
         while (arrival := self._arrivals.get()) is not None:
             now = time.monotonic()
             deadline = now + BEGIN_LINGER if now - previous < BEGIN_LINGER else now
@@ -221,6 +223,6 @@ class ReplayPool(ThreadsPool):  # type: ignore[misc]
     def _get_info(self) -> Any:
         info = super()._get_info()
         info["replays"] = self._pending
-        info["replays begun"] = self._begun
+        info["deliveries begun"] = self._begun
         info["begin round trips"] = self._begin_trips
         return info

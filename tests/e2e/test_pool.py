@@ -308,8 +308,8 @@ async def test_queued_deliveries_begin_together(private_redis: RedisServer, tmp_
             worker.stop()
     assert stats is not None
     (pool,) = (worker_stats["pool"] for worker_stats in stats.values())
-    assert pool["replays begun"] == len(keys)
-    assert pool["begin round trips"] < pool["replays begun"] / 2, pool
+    assert pool["deliveries begun"] == len(keys)
+    assert pool["begin round trips"] < pool["deliveries begun"] / 2, pool
     assert [runs(private_redis, key) for key in keys] == [
         0 if i in deleted else 1 for i in range(len(keys))
     ]
