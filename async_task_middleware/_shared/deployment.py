@@ -27,6 +27,7 @@ from redis.asyncio.sentinel import (
     SentinelManagedConnection,
     SentinelManagedSSLConnection,
 )
+from redis.exceptions import NoScriptError
 
 from .errors import ConfigurationError
 
@@ -178,13 +179,16 @@ def is_cluster(info: dict[str, Any]) -> bool:
 def again(call: Callable[[], T], what: str) -> T:
     """The worker's own Redis calls (blocking, on its task's thread), tried again while the
     connection fails or times out, for up to ``FAILOVER_BUDGET``: a finished replay must not
-    fail because the master changed under it. Every call made this way is idempotent."""
+    fail because the master changed under it. Also while Redis answers NOSCRIPT: a script
+    call loads its script again when Redis has lost it (restarted, failed over), and answers
+    NOSCRIPT only if Redis lost it once more between that load and the call, which the next
+    try loads again. Every call made this way is idempotent."""
     deadline = time.monotonic() + FAILOVER_BUDGET
     delay = 0.05
     while True:
         try:
             return call()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except (redis.ConnectionError, redis.TimeoutError, NoScriptError) as exc:
             if time.monotonic() + delay > deadline:
                 raise
             logger.warning("%s: %s; trying again", what, type(exc).__name__)

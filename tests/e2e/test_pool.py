@@ -316,3 +316,43 @@ async def test_queued_deliveries_begin_together(private_redis: RedisServer, tmp_
     log = (tmp_path / "w.log").read_text()
     assert log.count("dropped: its record is gone") == len(deleted)
     assert "Traceback" not in log
+
+
+async def test_deliveries_begun_together_survive_a_paused_redis_and_lost_scripts(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
+    """While 600 queued replays are begun in batches, Redis is paused for 2 s (a batch's round
+    trip waits) and then forgets its scripts every 100 ms (a batched ``BEGIN`` answers
+    NOSCRIPT, and that delivery falls back to its own ``BEGIN``, which loads it again): every
+    replay runs and is stored, and every message is acknowledged."""
+    celery_app = Celery("pool", broker=private_redis.url, backend=private_redis.url)
+    app = build_probe(celery_app)
+    admin = redis.Redis.from_url(private_redis.url)
+    keys = [f"hostile-{uuid.uuid4()}" for _ in range(600)]
+    async with LifespanManager(app), make_client(app) as c:
+        locations = [await submit(c, f"/mark?key={key}&seconds=0.5") for key in keys]
+        worker = replay_worker(private_redis, tmp_path / "w.log").start()
+        try:
+            with anyio.fail_after(10):
+                while admin.llen("celery") > 500:  # batches are being begun
+                    await anyio.sleep(0.01)
+            private_redis.pause()
+            await anyio.sleep(2)
+            private_redis.resume()
+            for _ in range(30):
+                admin.script_flush()
+                await anyio.sleep(0.1)
+            for key, location in zip(keys, locations, strict=True):
+                response = await final(c, location, timeout=60, through_503=True)
+                assert response.json() == {"marked": key}
+            with anyio.fail_after(20):
+                while admin.zcard("unacked_index") or admin.llen("celery"):
+                    await anyio.sleep(0.05)
+        finally:
+            private_redis.resume()
+            worker.stop()
+    assert all(runs(private_redis, key) >= 1 for key in keys)
+    log = (tmp_path / "w.log").read_text()
+    # kombu's own refresh of its bindings logs the NOSCRIPT it meets, and tries again.
+    assert "async_task_middleware/" not in log
+    assert " raised unexpected" not in log
