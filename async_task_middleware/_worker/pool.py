@@ -8,9 +8,9 @@ the loop) on a thread of its own, for the deliveries that arrive together at onc
 queue: one ``BEGIN`` round trip and one wake of the loop a batch, ``BEGIN_LINGER``), and runs
 Celery's own trace on one of its step threads when the replay is done: ``Job.wait`` finds it
 finished, ``finish`` stores the outcome, and Celery acknowledges the message, signals and logs
-as for any task. Other tasks run as on
-the threads pool. Delivery, leases, time limits (a blocked loop is noticed by the beater),
-cancellation and progress are the replay's own, the same on every pool.
+as for any task. Other tasks run as on the threads pool. Delivery, leases, time limits (a
+blocked loop is noticed by the beater), cancellation and progress are the replay's own, the
+same on every pool.
 
     CELERY_CUSTOM_WORKER_POOL=async_task_middleware:ReplayPool \\
         celery -A myproject.tasks worker --pool custom --concurrency 5000
@@ -128,8 +128,9 @@ class ReplayPool(ThreadsPool):  # type: ignore[misc]
         jobs = [found for _, found in prepared if found is not None]
         answers: list[Any] = [None] * len(jobs)
         self._begun += len(jobs)
-        self._begin_trips += 1 if len(jobs) > 1 else len(jobs)
-        if len(jobs) > 1 and len({id(job.store) for job, _ in jobs}) == 1:
+        together = len(jobs) > 1 and len({id(job.store) for job, _ in jobs}) == 1
+        self._begin_trips += 1 if together else len(jobs)
+        if together:
             pipe = jobs[0][0].store.pipeline(transaction=False)
             try:
                 for job, _ in jobs:
