@@ -6,7 +6,8 @@ time limit, with the process's beater (``_worker.beat``) keeping its heartbeat a
 when deleted; ``wait`` waits for it; ``finish`` stores the outcome ready to send (``FINISH``),
 ``fail`` the failure. The task runs the steps in a row on its pool's thread; the replay pool
 (``_worker.pool``) runs ``begin`` and ``start`` before Celery's trace and the rest inside it, so
-that no thread waits while the replay runs.
+that no thread waits while the replay runs, and may store a plain outcome (``finish_in``) just
+before the trace.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .._shared.binding import HARD_LIMIT_GRACE
 from .._shared.deployment import again
 from .._shared.metrics import replayed
 from .._shared.policy import join_headers
+from .._shared.retry import policy_of
 from .._shared.wire import check, split_response, status_of
 from .backend import STORED, process_backend, success_meta
 from .beat import Beat, Beater, process_beater
@@ -87,6 +89,7 @@ class Job:
         self.loop: Loop | None = None
         self._steps: dict[str, BaseException | None] = {}
         self.reported = False  # progress handed to the process's writer
+        self._stored: int | None = None  # ``FINISH``'s answer where the pool ran it (``finish_in``)
         hook = envelope.get("webhook")
         self.hook: dict[str, Any] | None = hook if isinstance(hook, dict) else None
         self.progress_due = ProgressThrottle()
@@ -246,9 +249,35 @@ class Job:
             if self.reported and not process_writer().flush(self.task_id, PROGRESS_FLUSH):
                 logger.warning("task %s: its last progress report is not stored", self.task_id)
 
+    def finish_in(self, pipe: Any) -> bool:
+        """Queue this replay's ``FINISH`` in ``pipe`` if nothing has to come between the
+        replay's end and its outcome: it answered, was not deleted, has no progress report to
+        store first and no ``Retry`` policy to consult. The replay pool stores the outcomes of
+        replays that end together in one round trip, then runs their traces; the answer goes
+        to ``stored``, and ``finish`` takes it instead of running ``FINISH`` itself. False: not
+        queued, ``finish`` runs it as on any pool."""
+        future, beat, beater = self.future, self.beat, self.beater
+        if future is None or beat is None or beater is None or not future.done():
+            return False
+        if future.cancelled() or future.exception() is not None or beat.cancelled:
+            return False
+        if self.reported or policy_of(self.envelope) is not None:
+            return False
+        beater.remove(self.task_id)  # as ``wait`` does first: no heartbeat after the outcome
+        keys, values = self._finish_call(future.result())
+        pipe.evalsha(self._finish_script.sha, len(keys), *keys, *values)
+        return True
+
+    def stored(self, answer: Any) -> bool:
+        """``FINISH``'s answer to ``finish_in``, True if it is one: an error (NOSCRIPT, say)
+        leaves ``finish`` to run it again, which stores the same outcome."""
+        if isinstance(answer, int):
+            self._stored = answer
+        return self._stored is not None
+
     def finish(self, packed: bytes) -> dict[str, Any]:
         # A record deleted while the replay ran keeps nothing.
-        if not self.finished(packed):
+        if not self.finished(packed, self._stored):
             self.drop()
         took = time.monotonic() - self.began
         code = status_of(packed)
@@ -282,13 +311,26 @@ class Job:
         logger.info("task %s dropped: its record is gone (request %s)", task_id, self.rid)
         raise Ignore()
 
-    def finished(self, outcome: bytes) -> bool:
+    def finished(self, outcome: bytes, answer: int | None = None) -> bool:
         """Store ``outcome`` (a packed response, or ``FAILED``); False if the record is gone.
-        A completion webhook's delivery goes with it (``_worker.hooks``)."""
+        A completion webhook's delivery goes with it (``_worker.hooks``). ``answer``:
+        ``FINISH``'s, where the pool already ran it for this outcome (``finish_in``)."""
+        if answer is None:
+            keys, values = self._finish_call(outcome)
+            call = functools.partial(self._finish_script, keys=keys, args=values)
+            answer = again(call, "storing an outcome")
+        hooks = self.runtime.hooks
+        if answer and hooks is not None:
+            status, code = _ended(outcome)
+            hooks.send(self.hook, "completed", self.task_id, status=status, http_status=code)
+        return bool(answer)
+
+    def _finish_call(self, outcome: bytes) -> tuple[list[Any], list[Any]]:
+        """``FINISH``'s keys and arguments for ``outcome``."""
         b, task_id, hooks = self.runtime.binding, self.task_id, self.runtime.hooks
         failed = outcome == _scripts.FAILED
         head, apart = (outcome, None) if failed else split_response(outcome)
-        status, code = ("failed", None) if failed else ("done", status_of(outcome))
+        status, code = _ended(outcome)
         message = (
             None if hooks is None else hooks.completed_message(self.hook, task_id, status, code)
         )
@@ -312,10 +354,7 @@ class Job:
             b"" if failed else success_meta(self.backend, task_id),
             b"" if message is None else bytes(message),
         ]
-        stored = again(lambda: self._finish_script(keys=ends, args=values), "storing an outcome")
-        if stored and hooks is not None:
-            hooks.send(self.hook, "completed", task_id, status=status, http_status=code)
-        return bool(stored)
+        return ends, values
 
     def replace_blocked(self, exc: LoopBlocked) -> None:
         """A replay that blocks the loop (``time.sleep`` in an ``async def``) or a thread past
@@ -332,6 +371,13 @@ class Job:
             os._exit(1)  # the redelivery finds the outcome stored and does not run again
         if self.loop is not None:
             replace_process_loop(self.loop)
+
+
+def _ended(outcome: bytes) -> tuple[str, int | None]:
+    """The task's state and the response's status for ``outcome``, as its events name them."""
+    if outcome == _scripts.FAILED:
+        return "failed", None
+    return "done", status_of(outcome)
 
 
 def _route_limit(envelope: dict[str, Any], default: float) -> float:

@@ -5,10 +5,12 @@ the event loop, where the replay runs. At thousands in flight, starting those th
 passing the interpreter's lock among them costs more than the replays. This pool runs the
 replay task's first steps (``Job.begin``, ``Job.start``: count the delivery, hand the replay to
 the loop) on a thread of its own, for the deliveries that arrive together at once (a draining
-queue: one ``BEGIN`` round trip and one wake of the loop a batch, ``BEGIN_LINGER``), and runs
-Celery's own trace on one of its step threads when the replay is done: ``Job.wait`` finds it
-finished, ``finish`` stores the outcome, and Celery acknowledges the message, signals and logs
-as for any task. Other tasks run as on the threads pool. Delivery, leases, time limits (a
+queue: one ``BEGIN`` round trip and one wake of the loop a batch, ``LINGER``), and runs Celery's
+own trace on one of its step threads when the replay is done: ``Job.wait`` finds it finished,
+``finish`` stores the outcome, and Celery acknowledges the message, signals and logs as for any
+task. The replays that end together have their outcomes stored first, on another thread of its
+own, in one ``FINISH`` round trip (``Job.finish_in``: those with nothing to do between the end
+and the outcome). Other tasks run as on the threads pool. Delivery, leases, time limits (a
 blocked loop is noticed by the beater), cancellation and progress are the replay's own, the
 same on every pool.
 
@@ -23,9 +25,9 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from celery.concurrency.base import apply_target
 from celery.concurrency.thread import ApplyResult
@@ -41,11 +43,12 @@ logger = logging.getLogger(__name__)
 #: Threads for the replays' last steps (Celery's trace, ``FINISH``): each is short (a Redis
 #: round trip or two), so a few serve thousands of replays; more would only contend.
 STEP_THREADS = 4
-#: The most deliveries begun in one round trip.
-BEGIN_BATCH = 100
-#: Seconds a delivery that follows another this closely waits for more to begin with it. A
-#: replay runs for seconds or minutes; this is what it trades for the worker's CPU per replay.
-BEGIN_LINGER = 0.02
+#: The most deliveries begun, or outcomes stored, in one round trip.
+BATCH = 100
+#: Seconds a delivery (or a replay's end) that follows another this closely waits for more to
+#: go with it. A replay runs for seconds or minutes; this is what it trades for the worker's
+#: CPU per replay.
+LINGER = 0.02
 
 #: A delivery handed to the pool: its step's future, then ``_prepare``'s arguments.
 _Arrival = tuple[
@@ -57,6 +60,17 @@ _Arrival = tuple[
     Callable[..., Any] | None,
     Callable[..., Any] | None,
 ]
+#: A replay's end: ``_trace``'s arguments.
+_End = tuple[
+    Runtime,
+    Job | None,
+    Callable[..., Any],
+    tuple[Any, ...],
+    dict[str, Any] | None,
+    Callable[..., Any] | None,
+]
+
+_T = TypeVar("_T")
 
 
 class ReplayPool(ThreadsPool):  # type: ignore[misc]
@@ -66,13 +80,17 @@ class ReplayPool(ThreadsPool):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         self._steps = ThreadPoolExecutor(STEP_THREADS, thread_name_prefix="replay-steps")
         self._arrivals: queue.SimpleQueue[_Arrival | None] = queue.SimpleQueue()
+        self._ends: queue.SimpleQueue[_End | None] = queue.SimpleQueue()
         self._beginner = threading.Thread(
             target=self._beginning, name="replay-steps-begin", daemon=True
         )
+        self._ender = threading.Thread(target=self._ending, name="replay-steps-end", daemon=True)
         self._beginner.start()
+        self._ender.start()
         self._pending = 0  # replays applied whose trace has not returned
-        self._begun = 0  # deliveries begun, and in how many round trips (``inspect stats``)
-        self._begin_trips = 0
+        # For ``inspect stats``: deliveries begun, and in how many round trips; replays ended,
+        # how many of their outcomes were stored together, and in how many round trips.
+        self._begun = self._begin_trips = self._ended = self._together = self._end_trips = 0
         self._idle = threading.Condition()
         self._accept = prepare_accept_content(self.app.conf.accept_content)  # type: ignore[no-untyped-call]
 
@@ -97,24 +115,8 @@ class ReplayPool(ThreadsPool):  # type: ignore[misc]
     def _beginning(self) -> None:
         """Begin the replays as they arrive, in batches: one round trip for their ``BEGIN``s,
         one wake of the loop for their starts, and the hand-offs between the threads once a
-        batch, not once a replay. A lone delivery begins at once; one taken within
-        ``BEGIN_LINGER`` of the last batch's first (a queue draining) waits up to that long
-        for more."""
-        previous = -BEGIN_LINGER  # when the last batch's first delivery was taken
-        while (arrival := self._arrivals.get()) is not None:
-            now = time.monotonic()
-            deadline = now + BEGIN_LINGER if now - previous < BEGIN_LINGER else now
-            previous = now
-            batch = [arrival]
-            while len(batch) < BEGIN_BATCH:
-                try:
-                    more = self._arrivals.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if more is None:
-                    self._arrivals.put(None)  # stopping: after this batch
-                    break
-                batch.append(more)
+        batch, not once a replay."""
+        for batch in _batches(self._arrivals):
             try:
                 self._begin(batch)
             except Exception as exc:  # this thread begins every replay: it must go on
@@ -122,6 +124,17 @@ class ReplayPool(ThreadsPool):  # type: ignore[misc]
                 for begun, *_ in batch:
                     if not begun.done():
                         begun.set_exception(exc)
+
+    def _ending(self) -> None:
+        """Store the outcomes of the replays that end together in one round trip, then hand
+        each to a step thread for its trace."""
+        for batch in _batches(self._ends):
+            try:
+                self._store(batch)
+            except Exception:  # nothing is lost: each trace stores its own outcome
+                logger.exception("storing %d outcomes together failed", len(batch))
+            for end in batch:
+                self._steps.submit(self._trace, *end)
 
     def _begin(self, batch: list[_Arrival]) -> None:
         prepared = [(arrival[0], self._prepare(*arrival[1:])) for arrival in batch]
@@ -155,6 +168,23 @@ class ReplayPool(ThreadsPool):  # type: ignore[misc]
         for begun, _ in prepared:
             begun.set_result(None)
 
+    def _store(self, batch: list[_End]) -> None:
+        jobs = [job for _, job, *_ in batch if job is not None]
+        self._ended += len(jobs)
+        if len(jobs) < 2 or len({id(job.store) for job in jobs}) > 1:
+            return  # each trace stores its own
+        pipe = jobs[0].store.pipeline(transaction=False)
+        queued = [job for job in jobs if job.finish_in(pipe)]
+        if len(queued) < 2:
+            return  # not worth a round trip of its own: ``finish`` runs the one queued
+        self._end_trips += 1
+        try:
+            answers = pipe.execute(raise_on_error=False)
+        except Exception:
+            return  # Redis away, or failing over: each trace's ``finish`` tries again
+        for job, answer in zip(queued, answers, strict=True):
+            self._together += job.stored(answer)
+
     def _prepare(
         self,
         runtime: Runtime,
@@ -187,7 +217,7 @@ class ReplayPool(ThreadsPool):  # type: ignore[misc]
                 taken = handed.pop()
             except IndexError:
                 return
-            self._steps.submit(self._trace, runtime, taken, target, args, kwargs, callback)
+            self._ends.put((runtime, taken, target, args, kwargs, callback))
 
         if job is None:
             trace()
@@ -217,7 +247,9 @@ class ReplayPool(ThreadsPool):  # type: ignore[misc]
         with self._idle:
             self._idle.wait_for(lambda: self._pending == 0)
         self._arrivals.put(None)
+        self._ends.put(None)
         self._beginner.join()
+        self._ender.join()
         self._steps.shutdown(wait=True)
         super().on_stop()
 
@@ -226,4 +258,29 @@ class ReplayPool(ThreadsPool):  # type: ignore[misc]
         info["replays"] = self._pending
         info["deliveries begun"] = self._begun
         info["begin round trips"] = self._begin_trips
+        info["replays ended"] = self._ended
+        info["outcomes stored together"] = self._together
+        info["their round trips"] = self._end_trips
         return info
+
+
+def _batches(arrivals: queue.SimpleQueue[_T | None]) -> Iterator[list[_T]]:
+    """What arrives, in batches of up to ``BATCH``, until None: a lone arrival goes at once; one
+    taken within ``LINGER`` of the last batch's first (a queue draining, replays ending
+    together) waits up to that long for more."""
+    previous = -LINGER  # when the last batch's first was taken
+    while (first := arrivals.get()) is not None:
+        now = time.monotonic()
+        deadline = now + LINGER if now - previous < LINGER else now
+        previous = now
+        batch = [first]
+        while len(batch) < BATCH:
+            try:
+                more = arrivals.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if more is None:
+                arrivals.put(None)  # stopping: after this batch
+                break
+            batch.append(more)
+        yield batch

@@ -19,8 +19,9 @@ from asgi_lifespan import LifespanManager
 from celery import Celery
 from celery.result import AsyncResult
 
+from async_task_middleware import Retry, Route
 from tests._servers import RedisServer, Worker
-from tests.apps import build_probe
+from tests.apps import PROBE_ROUTES, build_probe
 from tests.conftest import final, make_client, runs, submit
 from tests.faults.suite import RABBITMQ_URL, rabbitmq_up
 
@@ -281,9 +282,10 @@ async def test_a_message_delivered_twice_at_once(
 
 async def test_queued_deliveries_begin_together(private_redis: RedisServer, tmp_path: Path) -> None:
     """300 replays queued before the worker starts, every tenth deleted: the pool begins
-    deliveries that follow one another in batches, one round trip for their ``BEGIN``s (as
-    ``celery inspect stats`` reports them), and each batch keeps each delivery's own answer:
-    the deleted never run, every other runs once, all are acknowledged."""
+    deliveries that follow one another in batches, one round trip for their ``BEGIN``s, and
+    stores the outcomes of the replays that end together in one round trip (as ``celery inspect
+    stats`` reports them); each batch keeps each delivery's own answer: the deleted never run,
+    every other runs once, all are acknowledged."""
     celery_app = Celery("pool", broker=private_redis.url, backend=private_redis.url)
     app = build_probe(celery_app)
     admin = redis.Redis.from_url(private_redis.url)
@@ -310,11 +312,84 @@ async def test_queued_deliveries_begin_together(private_redis: RedisServer, tmp_
     (pool,) = (worker_stats["pool"] for worker_stats in stats.values())
     assert pool["deliveries begun"] == len(keys)
     assert pool["begin round trips"] < pool["deliveries begun"] / 2, pool
+    assert pool["replays ended"] == len(keys)
+    # The deleted ones store nothing; the others end together, as they began.
+    assert pool["outcomes stored together"] > 200, pool
+    assert pool["their round trips"] < pool["outcomes stored together"] / 2, pool
     assert [runs(private_redis, key) for key in keys] == [
         0 if i in deleted else 1 for i in range(len(keys))
     ]
     log = (tmp_path / "w.log").read_text()
     assert log.count("dropped: its record is gone") == len(deleted)
+    assert "Traceback" not in log
+
+
+async def test_only_outcomes_with_nothing_before_them_are_stored_together(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
+    """Replays that end together, queued while the worker is paused: plain ones, whose
+    outcomes go in one round trip, beside a route with a ``Retry`` policy (its first answer, a
+    503, is retried, not stored), one that ends as it reports progress (its last report is
+    stored before its outcome, which it would otherwise overwrite) and replays deleted while
+    they run (never stored): each ends as on any pool."""
+    celery_app = Celery("pool", broker=private_redis.url, backend=private_redis.url)
+    routes = {spec: Route() for spec in PROBE_ROUTES}
+    again = Retry(attempts=2, on_status=(503,), backoff=0.2, jitter=False)
+    routes["POST /flaky"] = Route(retries=again)
+    app = build_probe(celery_app, routes=routes)
+    admin = redis.Redis.from_url(private_redis.url)
+    plain = [f"plain-{uuid.uuid4()}" for _ in range(60)]
+    flaky = [f"flaky-{uuid.uuid4()}" for _ in range(20)]
+    gone = [f"gone-{uuid.uuid4()}" for _ in range(20)]
+    async with LifespanManager(app), make_client(app) as c:
+        worker = replay_worker(private_redis, tmp_path / "w.log").start()
+        try:
+            # One replay first: Redis has the scripts, which a batch calls by their digests.
+            warm = f"warm-{uuid.uuid4()}"
+            assert (await final(c, await submit(c, f"/mark?key={warm}"))).status_code == 200
+            worker.pause()
+            marked = [await submit(c, f"/mark?key={key}&seconds=0.5") for key in plain]
+            retried = [await submit(c, f"/flaky?key={key}&fail=1&how=status") for key in flaky]
+            reported = [await submit(c, "/burst?n=50&seconds=0") for _ in range(20)]
+            deleted = [await submit(c, f"/mark?key={key}&seconds=3") for key in gone]
+            worker.resume()
+            for key, location in zip(plain, marked, strict=True):
+                assert (await final(c, location)).json() == {"marked": key}
+            for location in deleted:  # running: their 3 s are not over
+                assert (await c.get(location)).status_code == 202
+                assert (await c.delete(location)).status_code == 204
+            for location in retried:
+                answer = await final(c, location)
+                assert (answer.status_code, answer.json()) == (200, {"runs": 2})
+            for location in reported:
+                assert (await final(c, location)).json() == {"reported": 50}
+            await anyio.sleep(3)  # the deleted replays' time
+            with anyio.fail_after(10):
+                while admin.zcard("unacked_index") or admin.llen("celery"):
+                    await anyio.sleep(0.05)
+            stats = await anyio.to_thread.run_sync(
+                lambda: celery_app.control.inspect(timeout=5).stats()
+            )
+            for location in deleted:
+                assert (await c.get(location)).status_code == 404
+        finally:
+            worker.stop()
+    assert stats is not None
+    (pool,) = (worker_stats["pool"] for worker_stats in stats.values())
+    ended = 1 + 60 + 2 * 20 + 20 + 20  # the flaky ones twice
+    assert pool["replays ended"] == ended, pool
+    # Most of the 60 plain outcomes in a few round trips; no other.
+    assert 50 <= pool["outcomes stored together"] <= 60, pool
+    assert pool["their round trips"] <= 10, pool
+    for location in reported:  # its report did not land on the stored outcome
+        assert AsyncResult(location.rsplit("/", 1)[1], app=celery_app).state == "SUCCESS"
+    assert {key: runs(private_redis, key) for key in plain + flaky + gone} == {
+        **dict.fromkeys(plain, 1),
+        **dict.fromkeys(flaky, 2),
+        **dict.fromkeys(gone, 0),
+    }
+    log = (tmp_path / "w.log").read_text()
+    assert log.count("dropped: its record is gone") == len(gone)
     assert "Traceback" not in log
 
 
