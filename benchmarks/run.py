@@ -1616,6 +1616,19 @@ def _targets(suite: Suite, args: argparse.Namespace) -> None:
                 f"{sum(threads.values()):.1f} s in all; {split}",
                 flush=True,
             )
+        consumer, steps, loop = (
+            replay_threads.get(kind, 0.0)
+            for kind in ("the consumer (main thread)", "the step threads", "the event loop")
+        )
+        print(
+            f"  where the replay pool's CPU above Celery alone's goes, last round: "
+            f"{sum(replay_threads.values()) - sum(alone_threads.values()):+.1f} s in all; the "
+            f"consumer {consumer - alone_threads.get('the consumer (main thread)', 0.0):+.1f} s, "
+            f"the step threads (Celery's trace and the library's steps) against the task "
+            f"threads {steps - alone_threads.get('the task threads', 0.0):+.1f} s, the event "
+            f"loop (the app's request, which any task that runs the endpoint pays) {loop:+.1f} s",
+            flush=True,
+        )
         if count == max(args.io):
             # Sampled in a round of its own: the sampler's CPU would weigh on a measured one.
             profile = suite.tmp / f"io-{count}.raw"
