@@ -1626,7 +1626,8 @@ def _targets(suite: Suite, args: argparse.Namespace) -> None:
             f"consumer {consumer - alone_threads.get('the consumer (main thread)', 0.0):+.1f} s, "
             f"the step threads (Celery's trace and the library's steps) against the task "
             f"threads {steps - alone_threads.get('the task threads', 0.0):+.1f} s, the event "
-            f"loop (the app's request, which any task that runs the endpoint pays) {loop:+.1f} s",
+            f"loop (the app's requests, and its wakes among the other threads, which the plain "
+            f"tasks that run the endpoint pay too) {loop:+.1f} s",
             flush=True,
         )
         if count == max(args.io):

@@ -89,7 +89,10 @@ class Job:
         self.loop: Loop | None = None
         self._steps: dict[str, BaseException | None] = {}
         self.reported = False  # progress handed to the process's writer
-        self._stored: int | None = None  # ``FINISH``'s answer where the pool ran it (``finish_in``)
+        # ``FINISH``'s call where the pool queued it (``finish_in``), and its answer: tried again,
+        # the same call (its webhook message too) goes again.
+        self._early: tuple[list[Any], list[Any]] | None = None
+        self._stored: int | None = None
         hook = envelope.get("webhook")
         self.hook: dict[str, Any] | None = hook if isinstance(hook, dict) else None
         self.progress_due = ProgressThrottle()
@@ -264,7 +267,7 @@ class Job:
         if self.reported or policy_of(self.envelope) is not None:
             return False
         beater.remove(self.task_id)  # as ``wait`` does first: no heartbeat after the outcome
-        keys, values = self._finish_call(future.result())
+        keys, values = self._early = self._finish_call(future.result())
         pipe.evalsha(self._finish_script.sha, len(keys), *keys, *values)
         return True
 
@@ -277,7 +280,7 @@ class Job:
 
     def finish(self, packed: bytes) -> dict[str, Any]:
         # A record deleted while the replay ran keeps nothing.
-        if not self.finished(packed, self._stored):
+        if not self.finished(packed, self._stored, self._early):
             self.drop()
         took = time.monotonic() - self.began
         code = status_of(packed)
@@ -311,14 +314,20 @@ class Job:
         logger.info("task %s dropped: its record is gone (request %s)", task_id, self.rid)
         raise Ignore()
 
-    def finished(self, outcome: bytes, answer: int | None = None) -> bool:
+    def finished(
+        self,
+        outcome: bytes,
+        answer: int | None = None,
+        call: tuple[list[Any], list[Any]] | None = None,
+    ) -> bool:
         """Store ``outcome`` (a packed response, or ``FAILED``); False if the record is gone.
-        A completion webhook's delivery goes with it (``_worker.hooks``). ``answer``:
-        ``FINISH``'s, where the pool already ran it for this outcome (``finish_in``)."""
+        A completion webhook's delivery goes with it (``_worker.hooks``). Where the pool
+        queued ``FINISH`` for this outcome (``finish_in``): ``answer``, its answer, and
+        ``call``, the call to make again if there is none."""
         if answer is None:
-            keys, values = self._finish_call(outcome)
-            call = functools.partial(self._finish_script, keys=keys, args=values)
-            answer = again(call, "storing an outcome")
+            keys, values = call or self._finish_call(outcome)
+            store = functools.partial(self._finish_script, keys=keys, args=values)
+            answer = again(store, "storing an outcome")
         hooks = self.runtime.hooks
         if answer and hooks is not None:
             status, code = _ended(outcome)
