@@ -351,11 +351,11 @@ async def test_only_outcomes_with_nothing_before_them_are_stored_together(
             marked = [await submit(c, f"/mark?key={key}&seconds=0.5") for key in plain]
             retried = [await submit(c, f"/flaky?key={key}&fail=1&how=status") for key in flaky]
             reported = [await submit(c, "/burst?n=50&seconds=0") for _ in range(20)]
-            deleted = [await submit(c, f"/mark?key={key}&seconds=3") for key in gone]
+            deleted = [await submit(c, f"/mark?key={key}&seconds=5") for key in gone]
             worker.resume()
             for key, location in zip(plain, marked, strict=True):
                 assert (await final(c, location)).json() == {"marked": key}
-            for location in deleted:  # running: their 3 s are not over
+            for location in deleted:  # running: their 5 s are not over
                 assert (await c.get(location)).status_code == 202
                 assert (await c.delete(location)).status_code == 204
             for location in retried:
@@ -363,7 +363,7 @@ async def test_only_outcomes_with_nothing_before_them_are_stored_together(
                 assert (answer.status_code, answer.json()) == (200, {"runs": 2})
             for location in reported:
                 assert (await final(c, location)).json() == {"reported": 50}
-            await anyio.sleep(3)  # the deleted replays' time
+            await anyio.sleep(5)  # the deleted replays' time: had they run on, they marked
             with anyio.fail_after(10):
                 while admin.zcard("unacked_index") or admin.llen("celery"):
                     await anyio.sleep(0.05)
