@@ -5,10 +5,9 @@ the event loop, where the replay runs. At thousands in flight, starting those th
 passing the interpreter's lock among them costs more than the replays. This pool runs the
 replay task's first steps (``Job.begin``, ``Job.start``: count the delivery, hand the replay to
 the loop) on a thread of its own, for the deliveries that arrive together at once (a draining
-queue: one ``BEGIN`` round trip and one wake of the loop a batch, ``LINGER``), and runs Celery's
-own trace on one of its step threads when the replay is done: ``Job.wait`` finds it finished,
-``finish`` stores the outcome, and Celery acknowledges the message, signals and logs as for any
-task. The replays that end together have their outcomes stored first, on another thread of its
+queue: one ``BEGIN`` round trip a batch, ``LINGER``), and runs Celery's own trace on one of its
+step threads when the replay is done: ``Job.wait`` finds it finished, ``finish`` stores the
+outcome, and Celery acknowledges the message, signals and logs as for any task. The replays that end together have their outcomes stored first, on another thread of its
 own, in one ``FINISH`` round trip (``Job.finish_in``: those with nothing to do between the end
 and the outcome). Other tasks run as on the threads pool. Delivery, leases, time limits (a
 blocked loop is noticed by the beater), cancellation and progress are the replay's own, the
@@ -114,8 +113,7 @@ class ReplayPool(ThreadsPool):  # type: ignore[misc]
 
     def _beginning(self) -> None:
         """Begin the replays as they arrive, in batches: one round trip for their ``BEGIN``s,
-        one wake of the loop for their starts, and the hand-offs between the threads once a
-        batch, not once a replay."""
+        then each replay handed to the loop."""
         for batch in _batches(self._arrivals):
             try:
                 self._begin(batch)
@@ -141,10 +139,9 @@ class ReplayPool(ThreadsPool):  # type: ignore[misc]
         jobs = [found for _, found in prepared if found is not None]
         answers: list[Any] = [None] * len(jobs)
         self._begun += len(jobs)
-        together = len(jobs) > 1 and len({id(job.store) for job, _ in jobs}) == 1
-        self._begin_trips += 1 if together else len(jobs)
-        if together:
-            pipe = jobs[0][0].store.pipeline(transaction=False)
+        pipe = _pipeline([job for job, _ in jobs])
+        self._begin_trips += len(jobs) if pipe is None else 1
+        if pipe is not None:
             try:
                 for job, _ in jobs:
                     job.begin_in(pipe)
@@ -171,9 +168,9 @@ class ReplayPool(ThreadsPool):  # type: ignore[misc]
     def _store(self, batch: list[_End]) -> None:
         jobs = [job for _, job, *_ in batch if job is not None]
         self._ended += len(jobs)
-        if len(jobs) < 2 or len({id(job.store) for job in jobs}) > 1:
+        pipe = _pipeline(jobs)
+        if pipe is None:
             return  # each trace stores its own
-        pipe = jobs[0].store.pipeline(transaction=False)
         queued = [job for job in jobs if job.finish_in(pipe)]
         if len(queued) < 2:
             return  # not worth a round trip of its own: ``finish`` runs the one queued
@@ -262,6 +259,14 @@ class ReplayPool(ThreadsPool):  # type: ignore[misc]
         info["outcomes stored together"] = self._together
         info["their round trips"] = self._end_trips
         return info
+
+
+def _pipeline(jobs: list[Job]) -> Any:
+    """One pipeline for the jobs' round trip; None for fewer than two, or jobs on more than one
+    store (one per result backend: a pool serves one Celery app)."""
+    if len(jobs) < 2 or len({id(job.store) for job in jobs}) > 1:
+        return None
+    return jobs[0].store.pipeline(transaction=False)
 
 
 def _batches(arrivals: queue.SimpleQueue[_T | None]) -> Iterator[list[_T]]:

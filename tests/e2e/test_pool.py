@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -280,6 +281,17 @@ async def test_a_message_delivered_twice_at_once(
     assert "Traceback" not in log
 
 
+async def drained_pool_stats(celery_app: Celery, admin: redis.Redis) -> dict[str, Any]:
+    """Once every message is taken and acknowledged, the replay pool's ``celery inspect stats``."""
+    with anyio.fail_after(10):
+        while admin.zcard("unacked_index") or admin.llen("celery"):
+            await anyio.sleep(0.05)
+    stats = await anyio.to_thread.run_sync(lambda: celery_app.control.inspect(timeout=5).stats())
+    assert stats is not None
+    (pool,) = (worker_stats["pool"] for worker_stats in stats.values())
+    return dict(pool)
+
+
 async def test_queued_deliveries_begin_together(private_redis: RedisServer, tmp_path: Path) -> None:
     """300 replays queued before the worker starts, every tenth deleted: the pool begins
     deliveries that follow one another in batches, one round trip for their ``BEGIN``s, and
@@ -300,16 +312,9 @@ async def test_queued_deliveries_begin_together(private_redis: RedisServer, tmp_
             for i, location in enumerate(locations):
                 if i not in deleted:
                     assert (await final(c, location)).json() == {"marked": keys[i]}
-            with anyio.fail_after(10):
-                while admin.zcard("unacked_index") or admin.llen("celery"):
-                    await anyio.sleep(0.05)
-            stats = await anyio.to_thread.run_sync(
-                lambda: celery_app.control.inspect(timeout=5).stats()
-            )
+            pool = await drained_pool_stats(celery_app, admin)
         finally:
             worker.stop()
-    assert stats is not None
-    (pool,) = (worker_stats["pool"] for worker_stats in stats.values())
     assert pool["deliveries begun"] == len(keys)
     assert pool["begin round trips"] < pool["deliveries begun"] / 2, pool
     assert pool["replays ended"] == len(keys)
@@ -364,18 +369,11 @@ async def test_only_outcomes_with_nothing_before_them_are_stored_together(
             for location in reported:
                 assert (await final(c, location)).json() == {"reported": 50}
             await anyio.sleep(5)  # the deleted replays' time: had they run on, they marked
-            with anyio.fail_after(10):
-                while admin.zcard("unacked_index") or admin.llen("celery"):
-                    await anyio.sleep(0.05)
-            stats = await anyio.to_thread.run_sync(
-                lambda: celery_app.control.inspect(timeout=5).stats()
-            )
+            pool = await drained_pool_stats(celery_app, admin)
             for location in deleted:
                 assert (await c.get(location)).status_code == 404
         finally:
             worker.stop()
-    assert stats is not None
-    (pool,) = (worker_stats["pool"] for worker_stats in stats.values())
     ended = 1 + 60 + 2 * 20 + 20 + 20  # the flaky ones twice
     assert pool["replays ended"] == ended, pool
     # The plain outcomes, most of the 60, in a few round trips; no other.
