@@ -7,9 +7,10 @@ replay task's first steps (``Job.begin``, ``Job.start``: count the delivery, han
 the loop) on a thread of its own, for the deliveries that arrive together at once (a draining
 queue: one ``BEGIN`` round trip a batch, ``LINGER``), and runs Celery's own trace on one of its
 step threads when the replay is done: ``Job.wait`` finds it finished, ``finish`` stores the
-outcome, and Celery acknowledges the message, signals and logs as for any task. The replays that end together have their outcomes stored first, on another thread of its
-own, in one ``FINISH`` round trip (``Job.finish_in``: those with nothing to do between the end
-and the outcome). Other tasks run as on the threads pool. Delivery, leases, time limits (a
+outcome, and Celery acknowledges the message, signals and logs as for any task. The replays
+that end together have their outcomes stored first, on another thread of its own, in one
+``FINISH`` round trip (``Job.finish_in``: those with nothing to do between the end and the
+outcome). Other tasks run as on the threads pool. Delivery, leases, time limits (a
 blocked loop is noticed by the beater), cancellation and progress are the replay's own, the
 same on every pool.
 
